@@ -1,0 +1,59 @@
+"""Helpers shared by the kernel launchers: interpreter detection, grid sizing and tile shapes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Triton decides between compiled and interpreted kernels when `@triton.jit` runs, i.e. when the kernel
+# modules are imported, so this is read once at import too.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Programs a persistent kernel launches per multiprocessor; under the interpreter every program runs in turn
+# on the CPU, so a handful is both faster and still exercises the cross-program reduction.
+_INTERPRETER_PROGRAMS = 3
+
+
+def can_launch(tensor: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on this tensor's device (CUDA, or the CPU under the interpreter)."""
+    return tensor.is_cuda or (INTERPRETING and tensor.device.type == "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, per_multiprocessor: int) -> int:
+    """How many programs a persistent (grid-stride) kernel should launch on `device`."""
+    if device.type != "cuda":
+        return _INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessor_count(index) * per_multiprocessor
+
+
+@dataclass(frozen=True)
+class RowTile:
+    """A [block_m, block_n] tile of a row-wise kernel: block_m rows at once, block_n columns per step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    single_pass: bool  # the whole row fits in one tile, so the kernel can keep it in registers
+
+
+def row_tile(n_rows: int, n_cols: int, *, max_block_n: int, tile_elements: int,
+             elements_per_thread: int = 16) -> RowTile:
+    """Tile for a kernel that reduces along rows of an (n_rows, n_cols) matrix.
+
+    `elements_per_thread` sets the warps: enough elements per thread for 16-byte loads, few enough to stay
+    in registers (32 warps is the hardware limit per program).
+    """
+    block_n = min(triton.next_power_of_2(n_cols), max_block_n)
+    block_m = max(1, min(tile_elements // block_n, triton.next_power_of_2(max(n_rows, 1))))
+    num_warps = max(1, min(32, (block_m * block_n) // (32 * elements_per_thread)))
+    return RowTile(block_m, block_n, num_warps, single_pass=n_cols <= block_n)
