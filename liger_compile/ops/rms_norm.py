@@ -1,0 +1,191 @@
+"""RMSNorm as torch.library custom ops.
+
+``torch.ops.liger.rms_norm(x, weight, eps, offset=0.0, casting_mode="llama")`` normalises over the last dim:
+``rstd = rsqrt(mean(x**2, -1) + eps)``, then scales by ``offset + weight`` (if a weight is given) with the
+rounding of one of three casting modes (see `liger_compile.kernels.rms_norm`):
+
+=========  ========================================================  ==============================
+mode       computation                                                output dtype
+=========  ========================================================  ==============================
+``llama``  ``(x.float() * rstd).to(x.dtype) * (offset + weight)``     ``promote(x.dtype, w.dtype)``
+``gemma``  ``(x.float() * rstd * (offset + weight)).to(x.dtype)``     ``x.dtype``
+``none``   all arithmetic in ``x.dtype`` (weight must share it)       ``x.dtype``
+=========  ========================================================  ==============================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from liger_compile.kernels import rms_norm as kernels
+from liger_compile.kernels._launch import can_launch
+from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
+
+CASTING_MODES = kernels.CASTING_MODES
+_OP = "rms_norm"
+
+
+def output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, casting_mode: str) -> torch.dtype:
+    if casting_mode == "llama" and weight_dtype is not None:
+        return torch.promote_types(x_dtype, weight_dtype)
+    return x_dtype
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, casting_mode: str):
+    check_float_tensor(_OP, "x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        fail(_OP, f"x must have a non-empty last dim to normalise over, got shape {tuple(x.shape)}")
+    if casting_mode not in CASTING_MODES:
+        fail(_OP, f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        fail(_OP, f"eps must be a finite number >= 0, got {eps}")
+    if weight is None:
+        if offset != 0.0:
+            fail(_OP, f"offset={offset} needs a weight to be added to")
+        return
+    check_float_tensor(_OP, "weight", weight)
+    check_same_device(_OP, x=x, weight=weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        fail(_OP, f"weight must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(weight.shape)}")
+    if casting_mode == "none" and weight.dtype != x.dtype:
+        fail(_OP, f"casting_mode 'none' computes in x's dtype {x.dtype}, but weight is {weight.dtype}")
+
+
+def _check_backward_inputs(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor):
+    if dy.shape != x.shape or rstd.shape != x.shape[:-1]:
+        fail(f"{_OP}_backward", f"dy {tuple(dy.shape)} and rstd {tuple(rstd.shape)} must match x {tuple(x.shape)}")
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0, casting_mode: str = "llama"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch definition of the op: (y, rstd) with rstd in fp32 of shape x.shape[:-1]."""
+    if casting_mode == "none":
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        normalized = x * rstd
+    else:
+        x_float = x.float()
+        rstd = torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
+        normalized = x_float * rstd
+        if casting_mode == "llama":
+            normalized = normalized.to(x.dtype)
+    y = normalized if weight is None else normalized * (weight + offset)
+    if casting_mode != "llama":
+        y = y.to(x.dtype)
+    return y.contiguous(), rstd.squeeze(-1).float()
+
+
+def rms_norm_backward_reference(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    offset: float,
+    casting_mode: str,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient formula the kernel implements, in fp32: (dx, dW or None)."""
+    rstd = rstd.unsqueeze(-1)
+    xhat = x.float() * rstd
+    dy = dy.float()
+    dxhat = dy if weight is None else dy * (weight + offset).float()
+    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
+    if not compute_dw or weight is None:
+        return dx.to(x.dtype), None
+    multiplied = xhat if casting_mode == "gemma" else xhat.to(x.dtype).float()
+    dw = (dy * multiplied).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+@torch.library.custom_op("liger::rms_norm_forward", mutates_args=())
+def _rms_norm_forward(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(x, weight, eps, offset, casting_mode)
+    if not can_launch(x):
+        return rms_norm_reference(x, weight, eps, offset, casting_mode)
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
+    w = None if weight is None else weight.contiguous()
+    y, rstd = kernels.rms_norm_forward(as_rows(x), w, eps, offset, casting_mode, out_dtype)
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+@_rms_norm_forward.register_fake
+def _(x, weight, eps, offset, casting_mode):
+    _check_inputs(x, weight, eps, offset, casting_mode)
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("liger::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    offset: float,
+    casting_mode: str,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dW); dW is an empty tensor when `compute_dw` is False (custom ops cannot return None)."""
+    _check_backward_inputs(dy, x, rstd)
+    if can_launch(x):
+        w = None if weight is None else weight.contiguous()
+        dx, dw = kernels.rms_norm_backward(as_rows(dy), as_rows(x), w, rstd.contiguous().view(-1), offset,
+                                           casting_mode, compute_dw)
+        dx = dx.view(x.shape)
+    else:
+        dx, dw = rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, compute_dw)
+        dx = dx.contiguous()
+    return dx, (dw if dw is not None else x.new_empty((0,), dtype=torch.float32))
+
+
+@_rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, offset, casting_mode, compute_dw):
+    _check_backward_inputs(dy, x, rstd)
+    if compute_dw and weight is not None:
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+    return x.new_empty(x.shape), x.new_empty((0,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _eps, offset, casting_mode = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.offset = offset
+    ctx.casting_mode = casting_mode
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = torch.ops.liger.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw)
+    return dx, (dw if compute_dw else None), None, None, None
+
+
+_rms_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+torch.library.define(
+    "liger::rms_norm",
+    "(Tensor x, Tensor? weight, float eps, float offset=0., str casting_mode='llama') -> Tensor",
+)
+
+
+@torch.library.impl("liger::rms_norm", "CompositeImplicitAutograd")
+def _rms_norm(x, weight, eps, offset=0.0, casting_mode="llama"):
+    return torch.ops.liger.rms_norm_forward(x, weight, eps, offset, casting_mode)[0]
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+) -> torch.Tensor:
+    """RMSNorm over the last dim of `x`; differentiable in `x` and `weight`. See the module docstring."""
+    return torch.ops.liger.rms_norm(x, weight, eps, offset, casting_mode)
