@@ -1,0 +1,200 @@
+"""Reading Dynamo FX graphs: one canonical view of the many spellings of an op, meta, and rewriting.
+
+Dynamo records what the user wrote: ``x * y`` is ``operator.mul``, ``torch.mul(x, y)`` is ``torch.mul`` and
+``x.mul(y)`` is a ``call_method``. `canonical` maps all of them to one `Call` with named operands, so the
+matchers only ever see ``Call("mul", {"input": x, "other": y})``.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+# Canonical name -> positional parameter names (keyword arguments keep their own names).
+_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "add": ("input", "other"),
+    "sub": ("input", "other"),
+    "mul": ("input", "other"),
+    "div": ("input", "other"),
+    "pow": ("input", "exponent"),
+    "square": ("input",),
+    "sqrt": ("input",),
+    "rsqrt": ("input",),
+    "reciprocal": ("input",),
+    "mean": ("input", "dim", "keepdim"),
+    "cast": ("input",),
+    "rms_norm": ("input", "normalized_shape", "weight", "eps"),
+}
+
+_FUNCTIONS: dict[Any, str] = {
+    operator.add: "add", torch.add: "add", torch.Tensor.add: "add",
+    operator.sub: "sub", torch.sub: "sub", torch.Tensor.sub: "sub",
+    operator.mul: "mul", torch.mul: "mul", torch.Tensor.mul: "mul",
+    operator.truediv: "div", torch.div: "div", torch.true_divide: "div", torch.Tensor.div: "div",
+    operator.pow: "pow", torch.pow: "pow", torch.Tensor.pow: "pow",
+    torch.square: "square", torch.Tensor.square: "square",
+    torch.sqrt: "sqrt", torch.Tensor.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt", torch.Tensor.rsqrt: "rsqrt",
+    torch.reciprocal: "reciprocal", torch.Tensor.reciprocal: "reciprocal",
+    torch.mean: "mean", torch.Tensor.mean: "mean",
+    torch.rms_norm: "rms_norm", F.rms_norm: "rms_norm",
+    torch.Tensor.to: "cast", torch.Tensor.float: "cast", torch.Tensor.type_as: "cast",
+}
+
+_METHODS: dict[str, str] = {
+    "add": "add", "sub": "sub", "mul": "mul", "div": "div", "true_divide": "div", "pow": "pow",
+    "square": "square", "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "mean": "mean",
+    "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
+    "type": "cast",
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """A node seen as a canonical op with named operands."""
+
+    op: str
+    params: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.params[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.params.get(name, default)
+
+
+def canonical(node: Any) -> Call | None:
+    """The canonical op of an FX node, or None for anything outside the table (or a non-node)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        op = _FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        op = _METHODS.get(node.target)
+    else:
+        return None
+    if op is None:
+        return None
+    params = dict(zip(_PARAMETERS[op], node.args))
+    params.update(node.kwargs)
+    if op == "cast" and not _is_pure_cast(node):
+        return None
+    return Call(op, params)
+
+
+def _is_pure_cast(node: fx.Node) -> bool:
+    """A .to/.float/.type_as that changes at most the dtype: same device, same shape, no copy semantics."""
+    source, result = tensor_meta(node.args[0] if node.args else None), tensor_meta(node)
+    return (
+        source is not None
+        and result is not None
+        and source.device == result.device
+        and source.shape == result.shape
+        and result.dtype.is_floating_point
+    )
+
+
+def tensor_meta(arg: Any) -> torch.Tensor | None:
+    """The (fake) tensor a node produces, recorded by Dynamo as ``example_value`` (``val`` in aten graphs)."""
+    if not isinstance(arg, fx.Node):
+        return None
+    value = arg.meta.get("example_value", arg.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def dtype_of(arg: Any) -> torch.dtype | None:
+    meta = tensor_meta(arg)
+    return None if meta is None else meta.dtype
+
+
+def number(arg: Any) -> float | None:
+    """The value of a Python int/float constant operand (bools are not numbers here)."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    return None
+
+
+def reduced_dims(dim: Any, ndim: int) -> tuple[int, ...] | None:
+    """Normalised (non-negative, sorted) dims of a reduction's `dim` argument; None if not constant."""
+    if dim is None:
+        return tuple(range(ndim))
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    return tuple(sorted(d % ndim for d in dims)) if ndim else None
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def other_operand(call: Call, node: fx.Node) -> Any:
+    """For a binary op with `node` as one operand, the other operand (None if `node` is not an operand)."""
+    if call["input"] is node:
+        return call.get("other")
+    if call.get("other") is node:
+        return call["input"]
+    return None
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _module_path(dynamo_path: str) -> str:
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    path = re.sub(r"^L\['[^']*'\]", "", dynamo_path)
+    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]",
+                  lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    return path.strip(".") or "<root>"
+
+
+def location(node: fx.Node) -> str:
+    """Where a node came from: the innermost module path and the user's source line."""
+    parts = []
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        parts.append(_module_path(list(stack.values())[-1][0]))
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    user_frames = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    if frames:
+        file, line = (user_frames or frames)[-1]
+        parts.append(f"{file.rsplit('/', 1)[-1]}:{line}")
+    return " @ ".join(parts) or node.name
+
+
+def replace_with_call(graph: fx.Graph, final: fx.Node, target: Any, args: Sequence[Any],
+                      matched: Iterable[fx.Node]) -> fx.Node:
+    """Compute `final`'s value with one call of `target(*args)`, then drop matched nodes left unused.
+
+    `args` must be defined before `final` (true for any operand of the matched subgraph).
+    """
+    with graph.inserting_before(final):
+        new = graph.call_function(target, tuple(args))
+    for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in final.meta:
+            new.meta[key] = final.meta[key]
+    final.replace_all_uses_with(new)
+    erase_unused(graph, matched)
+    return new
+
+
+def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
+    """Erase those of `nodes` that no longer have users, latest first so chains fall away together."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Shapes provably equal, also for symbolic sizes (never adds a guard)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
