@@ -1,0 +1,55 @@
+"""The ``liger`` torch.compile backend: rewrite the Dynamo graph onto liger ops, then compile the rest.
+
+Rewriting happens on the torch-IR graph Dynamo hands over, before AOTAutograd, so AOTAutograd traces the
+autograd formulas registered for the liger ops and the backward graph calls their backward kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from liger_compile import config as liger_config
+from liger_compile.passes import FAMILIES, PassFailure, PassResult, run_passes
+from liger_compile.report import publish
+
+log = logging.getLogger("liger_compile")
+
+
+def rewrite(gm: fx.GraphModule, config: liger_config.Config) -> tuple[fx.GraphModule, PassResult]:
+    """Run the enabled rewrite families on `gm`; on any internal error return `gm` untouched."""
+    try:
+        return run_passes(gm, {name: FAMILIES[name] for name in config.families})
+    except Exception as error:  # the pass manager itself failed: never take the user's run down with it
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        log.warning("liger_compile: rewriting failed (%s); compiling the graph unchanged", message)
+        return gm, PassResult(failures=[PassFailure("*", message, traceback.format_exc())])
+
+
+def compile_rewritten(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None,
+                      config: liger_config.Config) -> Callable:
+    if config.compiler == "inductor":
+        # Inductor's own torch.compile wrapper: it maps `mode` and validates options exactly as
+        # torch.compile(backend="inductor", mode=..., options=...) does.
+        return torch._TorchCompileInductorWrapper(mode, config.inductor_options, None)(gm, example_inputs)
+    if mode not in (None, "default"):
+        raise ValueError(f"liger backend: mode={mode!r} needs compiler='inductor', got {config.compiler!r}")
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(config.compiler)(gm, example_inputs)
+
+
+def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None,
+                  options: dict[str, Any] | None = None) -> Callable:
+    """torch.compile backend: ``torch.compile(model, backend="liger", mode=..., options=...)``.
+
+    See `liger_compile.config` for `options`; `mode` is Inductor's (``"reduce-overhead"``, ...).
+    """
+    config = liger_config.resolve(options)
+    rewritten, result = rewrite(gm, config)
+    publish(result)
+    return compile_rewritten(rewritten, example_inputs, mode, config)
