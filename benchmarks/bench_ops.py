@@ -1,0 +1,194 @@
+"""Per-op GPU benchmarks: liger-compile next to eager PyTorch (written as HF modeling code writes it), Inductor
+(torch.compile of that eager code) and liger-kernel when it is importable, all measured in one run.
+
+For each implementation: forward, backward and forward+backward time (`triton.testing.do_bench`, median ms;
+backward = forward+backward - forward), peak memory allocated above the inputs during one forward+backward
+(outputs and gradients included, as ../shared/anchors.md counts it), achieved bandwidth over the op's
+minimal traffic, and the relative error of output and gradients against eager.
+
+    python benchmarks/bench_ops.py [--op rms_norm] [--quick] [--out benchmarks/results]
+
+Without CUDA it says so and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+try:
+    import liger_kernel.ops as liger_kernel_ops
+except ImportError:  # the peer is optional
+    liger_kernel_ops = None
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    make_inputs: Callable[[], tuple]  # the same (seeded) inputs on every call
+    grad_inputs: Callable[[tuple], list]  # the inputs that receive gradients
+    bytes_moved: int  # fewest bytes a forward+backward must read and write
+    impls: dict[str, Callable]
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    impl: str
+    fwd_ms: float
+    bwd_ms: float
+    fwd_bwd_ms: float
+    peak_mib: float
+    gbps: float
+    rel_error: float
+
+
+# --- RMSNorm --------------------------------------------------------------------------------------------
+
+def hf_rms_norm(x, weight, eps=1e-6):
+    """transformers' LlamaRMSNorm.forward."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def rms_norm_cases(quick: bool) -> list[Case]:
+    sizes = [(16384, 4096)] if quick else [(16384, 4096)] + [(16384 * 4096 // h, h) for h in
+                                                            (1024, 2048, 8192, 16384)]
+    cases = []
+    for rows, hidden in sizes:
+        def make_inputs(rows=rows, hidden=hidden):
+            torch.manual_seed(0)
+            x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            return x, weight
+
+        impls = {
+            "eager": hf_rms_norm,
+            "inductor": torch.compile(hf_rms_norm, dynamic=False),
+            "liger-compile op": lambda x, w: torch.ops.liger.rms_norm(x, w, 1e-6),
+            "liger-compile backend": torch.compile(hf_rms_norm, backend="liger", dynamic=False),
+        }
+        if liger_kernel_ops is not None:
+            impls["liger-kernel"] = lambda x, w: liger_kernel_ops.LigerRMSNormFunction.apply(
+                x, w, 1e-6, 0.0, "llama", False)
+        cases.append(Case("rms_norm", f"{rows}x{hidden} bf16", make_inputs, lambda i: list(i),
+                          5 * rows * hidden * 2, impls))
+    return cases
+
+
+CASES = {"rms_norm": rms_norm_cases}
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, ...] | None):
+    """Time and measure one implementation; returns the Row and its (outputs + gradients)."""
+    import triton
+
+    inputs = case.make_inputs()
+    grads_of = case.grad_inputs(inputs)
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.manual_seed(1)
+    cotangents = [torch.randn_like(o) for o in outputs]
+
+    def forward():
+        return fn(*inputs)
+
+    def step():
+        for t in grads_of:
+            t.grad = None
+        out = fn(*inputs)
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), cotangents)
+
+    step()
+    results = tuple(o.detach() for o in outputs) + tuple(t.grad for t in grads_of)
+    rel_error = 0.0 if reference is None else max(_relative_error(a, b) for a, b in zip(results, reference))
+    fwd = triton.testing.do_bench(forward, warmup=50, rep=300, return_mode="median")
+    fwd_bwd = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+
+    for t in grads_of:
+        t.grad = None
+    del outputs
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    row = Row(case.op, case.shape, name, fwd, fwd_bwd - fwd, fwd_bwd, peak, case.bytes_moved / fwd_bwd / 1e6,
+              rel_error)
+    return row, results
+
+
+def run(ops: list[str], quick: bool) -> list[Row]:
+    rows = []
+    for op in ops:
+        for case in CASES[op](quick):
+            reference = None
+            for name, fn in case.impls.items():  # eager first: the others are checked against its results
+                row, results = measure(case, name, fn, reference)
+                reference = reference or results
+                rows.append(row)
+                print(f"{row.op:<10}{row.shape:<22}{row.impl:<24}{row.fwd_ms:>8.3f}{row.bwd_ms:>8.3f}"
+                      f"{row.fwd_bwd_ms:>9.3f}{row.peak_mib:>9.0f}{row.gbps:>8.0f}{row.rel_error:>10.1e}",
+                      flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[Row], device: str) -> str:
+    lines = [f"Measured on {device}, torch {torch.__version__}, bf16, `triton.testing.do_bench` medians; "
+             "bwd = fwd+bwd − fwd; MiB = peak allocated above the inputs during one fwd+bwd; GB/s over the "
+             "op's minimal traffic; error = max relative (L2) error of output and gradients vs eager.", "",
+             "| op | shape | implementation | fwd ms | bwd ms | fwd+bwd ms | MiB | GB/s | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.op} | {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.bwd_ms:.3f} | {r.fwd_bwd_ms:.3f} | "
+              f"{r.peak_mib:.0f} | {r.gbps:.0f} | {r.rel_error:.1e} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", action="append", choices=sorted(CASES), help="op to measure (default: all)")
+    parser.add_argument("--quick", action="store_true", help="only the Llama-3-8B shape")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_ops: no CUDA device; these benchmarks only measure GPUs.")
+        return 0
+    import liger_compile  # noqa: F401  (registers the ops and the backend)
+
+    device = torch.cuda.get_device_name()
+    print(f"{device}; liger-kernel {'present' if liger_kernel_ops else 'not importable'}")
+    print(f"{'op':<10}{'shape':<22}{'implementation':<24}{'fwd':>8}{'bwd':>8}{'fwd+bwd':>9}{'MiB':>9}"
+          f"{'GB/s':>8}{'error':>10}")
+    rows = run(args.op or sorted(CASES), args.quick)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_ops_" + "_".join(args.op or ["all"]))
+    with open(stem + ".json", "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(rows, device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
