@@ -55,17 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         for max_block_n, tile, per_thread in itertools.product((8192, 16384), (2048, 4096, 8192), (8, 16, 32)):
             if not new_setting(max_block_n, tile, per_thread, "forward"):
                 continue
-            kernels.MAX_BLOCK_N, kernels.FORWARD_TILE_ELEMENTS, kernels.ELEMENTS_PER_THREAD = (
+            kernels.MAX_BLOCK_N, kernels.FORWARD_TILE_ELEMENTS, kernels.FORWARD_ELEMENTS_PER_THREAD = (
                 max_block_n, tile, per_thread)
             ms = bench(lambda: kernels.rms_norm_forward(x, w, 1e-6, 0.0, "llama", torch.bfloat16))
             results.append(dict(pass_="forward", rows=rows, hidden=hidden, max_block_n=max_block_n, tile=tile,
                                 per_thread=per_thread, ms=ms))
-        kernels.FORWARD_TILE_ELEMENTS = 4096
         for max_block_n, tile, per_thread, per_sm, stages in itertools.product(
                 (8192, 16384), (2048, 4096, 8192), (8, 16, 32), (1, 2, 4), (1, 2, 3)):
             if not new_setting(max_block_n, tile, per_thread, per_sm, stages):
                 continue
-            kernels.MAX_BLOCK_N, kernels.BACKWARD_TILE_ELEMENTS, kernels.ELEMENTS_PER_THREAD = (
+            kernels.MAX_BLOCK_N, kernels.BACKWARD_TILE_ELEMENTS, kernels.BACKWARD_ELEMENTS_PER_THREAD = (
                 max_block_n, tile, per_thread)
             kernels.BACKWARD_PROGRAMS_PER_SM, kernels.BACKWARD_STAGES = per_sm, stages
             ms = bench(lambda: kernels.rms_norm_backward(dy, x, w, rstd, 0.0, "llama", True))
