@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 # Triton decides between compiled and interpreted kernels when `@triton.jit` runs, i.e. when the kernel
 # modules are imported, so this is read once at import too.
@@ -19,8 +21,18 @@ _INTERPRETER_PROGRAMS = 3
 
 
 def can_launch(tensor: torch.Tensor) -> bool:
-    """Whether a Triton kernel can run on this tensor's device (CUDA, or the CPU under the interpreter)."""
-    return tensor.is_cuda or (INTERPRETING and tensor.device.type == "cpu")
+    """Whether the Triton kernels run on this tensor: on CUDA (eagerly or traced by torch.compile), and on
+    real CPU tensors under the interpreter. CPU tensors being traced take the PyTorch reference instead,
+    which Inductor compiles for the CPU."""
+    if tensor.is_cuda:
+        return True
+    return INTERPRETING and tensor.device.type == "cpu" and not isinstance(tensor, (FakeTensor, FunctionalTensor))
+
+
+def traceable(kernel):
+    """`kernel` as the launchers call it: wrapped so that torch.compile sees and inlines the launch, except
+    under the interpreter, which torch.compile cannot trace."""
+    return kernel if INTERPRETING else torch.library.wrap_triton(kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,7 +41,7 @@ def _multiprocessor_count(device_index: int) -> int:
 
 
 def persistent_programs(device: torch.device, per_multiprocessor: int) -> int:
-    """How many programs a persistent (grid-stride) kernel should launch on `device`."""
+    """How many programs a persistent (grid-stride) kernel launches on `device`, whatever the input size."""
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -46,14 +58,14 @@ class RowTile:
     single_pass: bool  # the whole row fits in one tile, so the kernel can keep it in registers
 
 
-def row_tile(n_rows: int, n_cols: int, *, max_block_n: int, tile_elements: int,
-             elements_per_thread: int = 16) -> RowTile:
-    """Tile for a kernel that reduces along rows of an (n_rows, n_cols) matrix.
+def row_tile(n_cols: int, *, max_block_n: int, tile_elements: int, elements_per_thread: int = 16) -> RowTile:
+    """Tile for a kernel that reduces along the rows (of `n_cols` elements) of a matrix.
 
-    `elements_per_thread` sets the warps: enough elements per thread for 16-byte loads, few enough to stay
-    in registers (32 warps is the hardware limit per program).
+    The tile does not depend on the number of rows, so a graph compiled for dynamic shapes gets no guard on
+    it. `elements_per_thread` sets the warps: enough elements per thread for 16-byte loads, few enough to
+    stay in registers (32 warps is the hardware limit per program).
     """
     block_n = min(triton.next_power_of_2(n_cols), max_block_n)
-    block_m = max(1, min(tile_elements // block_n, triton.next_power_of_2(max(n_rows, 1))))
+    block_m = max(1, tile_elements // block_n)
     num_warps = max(1, min(32, (block_m * block_n) // (32 * elements_per_thread)))
     return RowTile(block_m, block_n, num_warps, single_pass=n_cols <= block_n)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from liger_compile.kernels._launch import persistent_programs, row_tile
+from liger_compile.kernels._launch import persistent_programs, row_tile, traceable
 
 CASTING_MODES = ("llama", "gemma", "none")
 _GEMMA: tl.constexpr = tl.constexpr(1)
@@ -125,15 +125,14 @@ def _rms_norm_forward_kernel(
 
 
 @triton.jit
-def _backward_block(DY_rows, X_rows, W, cols, mask, col_mask, rstd, offset,
-                    HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr):
-    """Loads one tile and returns (xhat, dxhat, dW contribution) in fp32."""
+def _backward_block(DY_rows, X_rows, cols, mask, rstd, w_eff, HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr):
+    """Loads one tile and returns (xhat, dxhat, dW contribution) in fp32; `w_eff` is the weight factor tile."""
     x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     xhat = x * rstd[:, None]
     dw = dy * _multiplied_by_weight(xhat, X_rows.dtype.element_ty, MODE)
     if HAS_WEIGHT:
-        dxhat = dy * _weight_factor(W, cols, col_mask, offset)[None, :]
+        dxhat = dy * w_eff[None, :]
     else:
         dxhat = dy
     return xhat, dxhat, dw
@@ -142,29 +141,30 @@ def _backward_block(DY_rows, X_rows, W, cols, mask, col_mask, rstd, offset,
 @triton.jit
 def _rms_norm_backward_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,
-    n_rows, n_cols, stride_dy, stride_x, stride_dx, rows_per_program,
+    n_rows, n_cols, stride_dy, stride_x, stride_dx,
     offset,
     HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # Each program owns a contiguous run of rows and one row of DW_PARTIAL, so dW needs no atomics: the
-    # launcher sums the partial rows afterwards.
+    # A persistent grid: each program takes every num_programs-th block of rows and owns one row of
+    # DW_PARTIAL, so dW needs no atomics (the launcher sums the partial rows afterwards).
     pid = tl.program_id(0)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    n_programs = tl.num_programs(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_PASS:
         col_mask = cols < n_cols
+        w_eff = _weight_factor(W, cols, col_mask, offset) if HAS_WEIGHT else 0.0  # loaded once per program
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
-            rows = block_start + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
+        for row_block in tl.range(pid, n_row_blocks, n_programs, num_stages=NUM_STAGES):
+            rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_rows
             mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows[:, None].to(tl.int64)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            xhat, dxhat, dw = _backward_block(DY + rows64 * stride_dy, X + rows64 * stride_x, W, cols, mask,
-                                              col_mask, rstd, offset, HAS_WEIGHT, MODE)
+            xhat, dxhat, dw = _backward_block(DY + rows64 * stride_dy, X + rows64 * stride_x, cols, mask, rstd,
+                                              w_eff, HAS_WEIGHT, MODE)
             if COMPUTE_DW:
                 dw_acc += dw
             mean_dot = tl.sum(dxhat * xhat, axis=1) / n_cols
@@ -173,9 +173,9 @@ def _rms_norm_backward_kernel(
         if COMPUTE_DW:
             tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     else:
-        for block_start in range(row_start, row_end, BLOCK_M):
-            rows = block_start + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
+        for row_block in range(pid, n_row_blocks, n_programs):
+            rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_rows
             rows64 = rows[:, None].to(tl.int64)
             DY_rows = DY + rows64 * stride_dy
             X_rows = X + rows64 * stride_x
@@ -184,17 +184,17 @@ def _rms_norm_backward_kernel(
             for start in range(0, n_cols, BLOCK_N):
                 block_cols = start + cols
                 col_mask = block_cols < n_cols
-                xhat, dxhat, dw = _backward_block(DY_rows, X_rows, W, block_cols,
-                                                  row_mask[:, None] & col_mask[None, :], col_mask, rstd,
-                                                  offset, HAS_WEIGHT, MODE)
+                w_eff = _weight_factor(W, block_cols, col_mask, offset) if HAS_WEIGHT else 0.0
+                xhat, dxhat, dw = _backward_block(DY_rows, X_rows, block_cols, row_mask[:, None] & col_mask[None, :],
+                                                  rstd, w_eff, HAS_WEIGHT, MODE)
                 dot += tl.sum(dxhat * xhat, axis=1)
             mean_dot = dot / n_cols
             for start in range(0, n_cols, BLOCK_N):
                 block_cols = start + cols
                 col_mask = block_cols < n_cols
                 mask = row_mask[:, None] & col_mask[None, :]
-                xhat, dxhat, dw = _backward_block(DY_rows, X_rows, W, block_cols, mask, col_mask, rstd,
-                                                  offset, HAS_WEIGHT, MODE)
+                w_eff = _weight_factor(W, block_cols, col_mask, offset) if HAS_WEIGHT else 0.0
+                xhat, dxhat, dw = _backward_block(DY_rows, X_rows, block_cols, mask, rstd, w_eff, HAS_WEIGHT, MODE)
                 dx = (dxhat - xhat * mean_dot[:, None]) * rstd[:, None]
                 tl.store(DX + rows64 * stride_dx + block_cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 if COMPUTE_DW:
@@ -214,14 +214,14 @@ def rms_norm_forward(
     max_block_n: int = MAX_BLOCK_N,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (rows, hidden) in `out_dtype` and rstd (rows,) in fp32 for a 2-D `x` with unit column stride."""
-    n_rows, n_cols = x.shape
+    n_rows, n_cols = x.shape[0], int(x.shape[1])  # block sizes derive from hidden: specialise it if symbolic
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    if n_rows == 0:
+    if n_rows == 0:  # an empty grid is not a valid launch
         return y, rstd
-    tile = row_tile(n_rows, n_cols, max_block_n=max_block_n, tile_elements=FORWARD_TILE_ELEMENTS,
+    tile = row_tile(n_cols, max_block_n=max_block_n, tile_elements=FORWARD_TILE_ELEMENTS,
                     elements_per_thread=FORWARD_ELEMENTS_PER_THREAD)
-    _rms_norm_forward_kernel[(triton.cdiv(n_rows, tile.block_m),)](
+    traceable(_rms_norm_forward_kernel)[(triton.cdiv(n_rows, tile.block_m),)](
         x, weight, y, rstd,
         n_rows, n_cols, x.stride(0), y.stride(0),
         eps, offset,
@@ -244,29 +244,21 @@ def rms_norm_backward(
     max_block_n: int = MAX_BLOCK_N,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dx like `x`, and dW in the weight's dtype when `compute_dw` (else None), for 2-D unit-stride inputs."""
-    n_rows, n_cols = x.shape
+    n_rows, n_cols = x.shape[0], int(x.shape[1])  # block sizes derive from hidden: specialise it if symbolic
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     compute_dw = compute_dw and weight is not None
-    tile = row_tile(n_rows, n_cols, max_block_n=max_block_n, tile_elements=BACKWARD_TILE_ELEMENTS,
+    tile = row_tile(n_cols, max_block_n=max_block_n, tile_elements=BACKWARD_TILE_ELEMENTS,
                     elements_per_thread=BACKWARD_ELEMENTS_PER_THREAD)
-    row_blocks = triton.cdiv(n_rows, tile.block_m)
-    programs = max(1, min(row_blocks, persistent_programs(x.device, BACKWARD_PROGRAMS_PER_SM)))
-    rows_per_program = triton.cdiv(row_blocks, programs) * tile.block_m
-    programs = max(1, triton.cdiv(n_rows, rows_per_program))
+    programs = persistent_programs(x.device, BACKWARD_PROGRAMS_PER_SM)
     # The looped path accumulates into its partial row, so it must start from zero.
     alloc = torch.empty if tile.single_pass else torch.zeros
     dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else None
-    if n_rows > 0:
-        _rms_norm_backward_kernel[(programs,)](
-            dy, x, weight, rstd, dx, dw_partial,
-            n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
-            offset,
-            HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, MODE=CASTING_MODES.index(casting_mode),
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_PASS=tile.single_pass, NUM_STAGES=BACKWARD_STAGES,
-            num_warps=tile.num_warps,
-        )
-    if not compute_dw:
-        return dx, None
-    if n_rows == 0:
-        return dx, torch.zeros_like(weight)
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    traceable(_rms_norm_backward_kernel)[(programs,)](
+        dy, x, weight, rstd, dx, dw_partial,
+        n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0),
+        offset,
+        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, MODE=CASTING_MODES.index(casting_mode),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_PASS=tile.single_pass, NUM_STAGES=BACKWARD_STAGES,
+        num_warps=tile.num_warps,
+    )
+    return dx, (dw_partial.sum(0).to(weight.dtype) if compute_dw else None)

@@ -100,7 +100,7 @@ def rms_norm_backward_reference(
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
-@torch.library.custom_op("liger::rms_norm_forward", mutates_args=())
+@torch.library.triton_op("liger::rms_norm_forward", mutates_args=())
 def _rms_norm_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +113,7 @@ def _rms_norm_forward(
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
-@_rms_norm_forward.register_fake
-def _(x, weight, eps, offset, casting_mode):
-    _check_inputs(x, weight, eps, offset, casting_mode)
-    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("liger::rms_norm_backward", mutates_args=())
+@torch.library.triton_op("liger::rms_norm_backward", mutates_args=())
 def _rms_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -141,14 +134,6 @@ def _rms_norm_backward(
         dx, dw = rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, compute_dw)
         dx = dx.contiguous()
     return dx, (dw if dw is not None else x.new_empty((0,), dtype=torch.float32))
-
-
-@_rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, offset, casting_mode, compute_dw):
-    _check_backward_inputs(dy, x, rstd)
-    if compute_dw and weight is not None:
-        return x.new_empty(x.shape), weight.new_empty(weight.shape)
-    return x.new_empty(x.shape), x.new_empty((0,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

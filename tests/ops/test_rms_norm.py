@@ -98,6 +98,10 @@ SAMPLES = [
 
 @pytest.mark.parametrize("shape,dtype,weight_dtype,mode,offset", SAMPLES)
 def test_opcheck(op_path, shape, dtype, weight_dtype, mode, offset):
+    if op_path == "kernel" and DEVICE == "cpu":
+        pytest.skip("on CPU eager runs the interpreted kernel and traced graphs the reference, which round "
+                    "differently (the interpreter truncates to bf16): opcheck's eager-vs-traced comparison "
+                    "would compare two implementations; the GPU suite runs opcheck through the kernels")
     x, weight = make_inputs(shape, dtype, weight_dtype=weight_dtype, affine=weight_dtype is not None)
     args = (x, weight, 1e-6, offset, mode)
     opcheck(torch.ops.liger.rms_norm.default, args)
