@@ -1,10 +1,12 @@
 """Per-op GPU benchmarks: liger-compile next to eager PyTorch (written as HF modeling code writes it), Inductor
 (torch.compile of that eager code) and liger-kernel when it is importable, all measured in one run.
 
-For each implementation: forward, backward and forward+backward time (`triton.testing.do_bench`, median ms;
-backward = forward+backward - forward), peak memory allocated above the inputs during one forward+backward
-(outputs and gradients included, as ../shared/anchors.md counts it), achieved bandwidth over the op's
-minimal traffic, and the relative error of output and gradients against eager.
+For each implementation: forward, backward and forward+backward GPU time (the summed durations of the
+kernels one call runs, from the profiler, so host launch gaps are out; backward = forward+backward -
+forward); forward+backward as launched eagerly (`triton.testing.do_bench` median: on a slow host this is
+launch-bound and shows each implementation's host overhead); peak memory allocated above the inputs during one
+forward+backward (outputs and gradients included, as ../shared/anchors.md counts it); achieved bandwidth over
+the op's minimal traffic; and the relative error of output and gradients against eager.
 
     python benchmarks/bench_ops.py [--op rms_norm] [--quick] [--out benchmarks/results]
 
@@ -35,7 +37,7 @@ class Case:
     make_inputs: Callable[[], tuple]  # the same (seeded) inputs on every call
     grad_inputs: Callable[[tuple], list]  # the inputs that receive gradients
     bytes_moved: int  # fewest bytes a forward+backward must read and write
-    impls: dict[str, Callable]
+    impls: Callable[[], dict[str, Callable]]  # built per case, after Dynamo's caches are reset
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Row:
     fwd_ms: float
     bwd_ms: float
     fwd_bwd_ms: float
+    launched_ms: float
     peak_mib: float
     gbps: float
     rel_error: float
@@ -73,15 +76,18 @@ def rms_norm_cases(quick: bool) -> list[Case]:
             weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             return x, weight
 
-        impls = {
-            "eager": hf_rms_norm,
-            "inductor": torch.compile(hf_rms_norm, dynamic=False),
-            "liger-compile op": lambda x, w: torch.ops.liger.rms_norm(x, w, 1e-6),
-            "liger-compile backend": torch.compile(hf_rms_norm, backend="liger", dynamic=False),
-        }
-        if liger_kernel_ops is not None:
-            impls["liger-kernel"] = lambda x, w: liger_kernel_ops.LigerRMSNormFunction.apply(
-                x, w, 1e-6, 0.0, "llama", False)
+        def impls():
+            found = {
+                "eager": hf_rms_norm,
+                "inductor": torch.compile(hf_rms_norm, dynamic=False),
+                "liger-compile op": lambda x, w: torch.ops.liger.rms_norm(x, w, 1e-6),
+                "liger-compile backend": torch.compile(hf_rms_norm, backend="liger", dynamic=False),
+            }
+            if liger_kernel_ops is not None:
+                found["liger-kernel"] = lambda x, w: liger_kernel_ops.LigerRMSNormFunction.apply(
+                    x, w, 1e-6, 0.0, "llama", False)
+            return found
+
         cases.append(Case("rms_norm", f"{rows}x{hidden} bf16", make_inputs, lambda i: list(i),
                           5 * rows * hidden * 2, impls))
     return cases
@@ -95,6 +101,21 @@ CASES = {"rms_norm": rms_norm_cases}
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def gpu_ms(fn: Callable, iters: int = 20) -> float:
+    """Milliseconds of device time per call of `fn`: the kernels' own durations, without the host's gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return sum(e.time_range.elapsed_us() for e in kernels) / iters / 1e3
 
 
 def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, ...] | None):
@@ -120,8 +141,8 @@ def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, 
     step()
     results = tuple(o.detach() for o in outputs) + tuple(t.grad for t in grads_of)
     rel_error = 0.0 if reference is None else max(_relative_error(a, b) for a, b in zip(results, reference))
-    fwd = triton.testing.do_bench(forward, warmup=50, rep=300, return_mode="median")
-    fwd_bwd = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+    fwd, fwd_bwd = gpu_ms(forward), gpu_ms(step)
+    launched = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
 
     for t in grads_of:
         t.grad = None
@@ -133,8 +154,8 @@ def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, 
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    row = Row(case.op, case.shape, name, fwd, fwd_bwd - fwd, fwd_bwd, peak, case.bytes_moved / fwd_bwd / 1e6,
-              rel_error)
+    row = Row(case.op, case.shape, name, fwd, fwd_bwd - fwd, fwd_bwd, launched, peak,
+              case.bytes_moved / fwd_bwd / 1e6, rel_error)
     return row, results
 
 
@@ -143,25 +164,27 @@ def run(ops: list[str], quick: bool) -> list[Row]:
     for op in ops:
         for case in CASES[op](quick):
             reference = None
-            for name, fn in case.impls.items():  # eager first: the others are checked against its results
+            torch._dynamo.reset()
+            for name, fn in case.impls().items():  # eager first: the others are checked against its results
                 row, results = measure(case, name, fn, reference)
                 reference = reference or results
                 rows.append(row)
                 print(f"{row.op:<10}{row.shape:<22}{row.impl:<24}{row.fwd_ms:>8.3f}{row.bwd_ms:>8.3f}"
-                      f"{row.fwd_bwd_ms:>9.3f}{row.peak_mib:>9.0f}{row.gbps:>8.0f}{row.rel_error:>10.1e}",
-                      flush=True)
+                      f"{row.fwd_bwd_ms:>9.3f}{row.launched_ms:>10.3f}{row.peak_mib:>7.0f}{row.gbps:>7.0f}"
+                      f"{row.rel_error:>9.1e}", flush=True)
             torch.cuda.empty_cache()
     return rows
 
 
 def markdown(rows: list[Row], device: str) -> str:
-    lines = [f"Measured on {device}, torch {torch.__version__}, bf16, `triton.testing.do_bench` medians; "
-             "bwd = fwd+bwd − fwd; MiB = peak allocated above the inputs during one fwd+bwd; GB/s over the "
-             "op's minimal traffic; error = max relative (L2) error of output and gradients vs eager.", "",
-             "| op | shape | implementation | fwd ms | bwd ms | fwd+bwd ms | MiB | GB/s | error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Measured on {device}, torch {torch.__version__}, bf16. fwd, bwd, fwd+bwd: GPU time, summed "
+             "kernel durations per call (bwd = fwd+bwd − fwd); launched: fwd+bwd launched eagerly (`do_bench`), "
+             "host overhead included; MiB: peak allocated above the inputs during one fwd+bwd; GB/s: the op's "
+             "minimal traffic over fwd+bwd; error: max relative (L2) error of output and gradients vs eager.", "",
+             "| op | shape | implementation | fwd ms | bwd ms | fwd+bwd ms | launched ms | MiB | GB/s | error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.op} | {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.bwd_ms:.3f} | {r.fwd_bwd_ms:.3f} | "
-              f"{r.peak_mib:.0f} | {r.gbps:.0f} | {r.rel_error:.1e} |" for r in rows]
+              f"{r.launched_ms:.3f} | {r.peak_mib:.0f} | {r.gbps:.0f} | {r.rel_error:.1e} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.cuda.get_device_name()
     print(f"{device}; liger-kernel {'present' if liger_kernel_ops else 'not importable'}")
-    print(f"{'op':<10}{'shape':<22}{'implementation':<24}{'fwd':>8}{'bwd':>8}{'fwd+bwd':>9}{'MiB':>9}"
-          f"{'GB/s':>8}{'error':>10}")
+    print(f"{'op':<10}{'shape':<22}{'implementation':<24}{'fwd':>8}{'bwd':>8}{'fwd+bwd':>9}{'launched':>10}"
+          f"{'MiB':>7}{'GB/s':>7}{'error':>9}")
     rows = run(args.op or sorted(CASES), args.quick)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "bench_ops_" + "_".join(args.op or ["all"]))

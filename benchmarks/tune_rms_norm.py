@@ -1,7 +1,8 @@
-"""Sweep the RMSNorm kernels' launch parameters on a GPU; prints forward and backward times per setting.
+"""Sweep the RMSNorm kernels' launch parameters on a GPU; prints the best forward and backward settings.
 
 The constants in liger_compile/kernels/rms_norm.py are read at launch time, so each setting is applied by
-assigning them. The chosen values are the ones committed there.
+assigning them; the chosen values are the ones committed there. Launchers run with `wrap_triton` off, as
+inside the ops and in Inductor's generated code, so the times are the kernels' own.
 
     python benchmarks/tune_rms_norm.py [--out DIR]
 """
@@ -15,6 +16,14 @@ import os
 import sys
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
+
+from liger_compile.kernels import rms_norm as kernels
+from liger_compile.kernels._launch import row_tile
+
+SHAPES = [(16384, 4096), (65536, 1024), (4096, 16384), (262144, 128)]
+FORWARD_GRID = dict(max_block_n=(8192, 16384), tile=(2048, 4096, 8192), per_thread=(8, 16, 32))
+BACKWARD_GRID = dict(FORWARD_GRID, per_sm=(1, 2, 4), stages=(1, 2, 3))
 
 
 def bench(fn) -> float:
@@ -23,59 +32,60 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def settings(grid: dict, hidden: int):
+    """Every combination of `grid`, less those that launch exactly what an earlier one did."""
+    seen = set()
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        tile = row_tile(hidden, max_block_n=setting["max_block_n"], tile_elements=setting["tile"],
+                        elements_per_thread=setting["per_thread"])
+        key = (tile, setting.get("per_sm"), setting.get("stages"))
+        if key not in seen:
+            seen.add(key)
+            yield setting
+
+
+def sweep_shape(rows: int, hidden: int) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    _, rstd = kernels.rms_norm_forward(x, w, 1e-6, 0.0, "llama", torch.bfloat16)
+    results = []
+    for s in settings(FORWARD_GRID, hidden):
+        kernels.MAX_BLOCK_N, kernels.FORWARD_TILE_ELEMENTS, kernels.FORWARD_ELEMENTS_PER_THREAD = (
+            s["max_block_n"], s["tile"], s["per_thread"])
+        ms = bench(lambda: kernels.rms_norm_forward(x, w, 1e-6, 0.0, "llama", torch.bfloat16))
+        results.append(dict(s, pass_="forward", rows=rows, hidden=hidden, ms=ms))
+    for s in settings(BACKWARD_GRID, hidden):
+        kernels.MAX_BLOCK_N, kernels.BACKWARD_TILE_ELEMENTS, kernels.BACKWARD_ELEMENTS_PER_THREAD = (
+            s["max_block_n"], s["tile"], s["per_thread"])
+        kernels.BACKWARD_PROGRAMS_PER_SM, kernels.BACKWARD_STAGES = s["per_sm"], s["stages"]
+        ms = bench(lambda: kernels.rms_norm_backward(dy, x, w, rstd, 0.0, "llama", True))
+        results.append(dict(s, pass_="backward", rows=rows, hidden=hidden, ms=ms))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--shape", action="append", help="ROWSxHIDDEN (default: %s)" % " ".join(
+        f"{r}x{h}" for r, h in SHAPES))
     args = parser.parse_args(argv)
+    shapes = [tuple(map(int, shape.split("x"))) for shape in args.shape] if args.shape else SHAPES
     if not torch.cuda.is_available():
-        print("tune_rms_norm: no CUDA device")
+        print("tune_rms_norm: no CUDA device; the sweep only measures GPUs.")
         return 0
-    from liger_compile.kernels import rms_norm as kernels
-    from liger_compile.kernels._launch import row_tile
-
     results = []
-    shapes = [(16384, 4096), (65536, 1024), (4096, 16384), (262144, 128)]
-    for rows, hidden in shapes:
-        torch.manual_seed(0)
-        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
-        dy = torch.randn_like(x)
-        _, rstd = kernels.rms_norm_forward(x, w, 1e-6, 0.0, "llama", torch.bfloat16)
-        seen = set()
-
-        def new_setting(max_block_n, tile, per_thread, *rest):
-            """Skip settings that launch exactly what an earlier one did."""
-            key = (row_tile(rows, hidden, max_block_n=max_block_n, tile_elements=tile,
-                            elements_per_thread=per_thread), *rest)
-            if key in seen:
-                return False
-            seen.add(key)
-            return True
-
-        for max_block_n, tile, per_thread in itertools.product((8192, 16384), (2048, 4096, 8192), (8, 16, 32)):
-            if not new_setting(max_block_n, tile, per_thread, "forward"):
-                continue
-            kernels.MAX_BLOCK_N, kernels.FORWARD_TILE_ELEMENTS, kernels.FORWARD_ELEMENTS_PER_THREAD = (
-                max_block_n, tile, per_thread)
-            ms = bench(lambda: kernels.rms_norm_forward(x, w, 1e-6, 0.0, "llama", torch.bfloat16))
-            results.append(dict(pass_="forward", rows=rows, hidden=hidden, max_block_n=max_block_n, tile=tile,
-                                per_thread=per_thread, ms=ms))
-        for max_block_n, tile, per_thread, per_sm, stages in itertools.product(
-                (8192, 16384), (2048, 4096, 8192), (8, 16, 32), (1, 2, 4), (1, 2, 3)):
-            if not new_setting(max_block_n, tile, per_thread, per_sm, stages):
-                continue
-            kernels.MAX_BLOCK_N, kernels.BACKWARD_TILE_ELEMENTS, kernels.BACKWARD_ELEMENTS_PER_THREAD = (
-                max_block_n, tile, per_thread)
-            kernels.BACKWARD_PROGRAMS_PER_SM, kernels.BACKWARD_STAGES = per_sm, stages
-            ms = bench(lambda: kernels.rms_norm_backward(dy, x, w, rstd, 0.0, "llama", True))
-            results.append(dict(pass_="backward", rows=rows, hidden=hidden, max_block_n=max_block_n, tile=tile,
-                                per_thread=per_thread, per_sm=per_sm, stages=stages, ms=ms))
-        for pass_ in ("forward", "backward"):
-            best = sorted((r for r in results if r["pass_"] == pass_ and r["hidden"] == hidden),
-                          key=lambda r: r["ms"])[:5]
-            print(f"{rows}x{hidden} {pass_} best: " + "; ".join(
-                f"{r['ms']:.4f} ms {dict((k, v) for k, v in r.items() if k not in ('pass_', 'rows', 'hidden', 'ms'))}"
-                for r in best), flush=True)
+    with set_wrap_triton_enabled(False):
+        for rows, hidden in shapes:
+            shape_results = sweep_shape(rows, hidden)
+            results += shape_results
+            for pass_ in ("forward", "backward"):
+                best = sorted((r for r in shape_results if r["pass_"] == pass_), key=lambda r: r["ms"])[:4]
+                print(f"{rows}x{hidden} {pass_}: " + "; ".join(
+                    f"{r['ms']:.4f} ms {({k: v for k, v in r.items() if k not in ('pass_', 'rows', 'hidden', 'ms')})}"
+                    for r in best), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tune_rms_norm.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=0)
