@@ -31,7 +31,7 @@ MAX_BLOCK_N = 8192
 FORWARD_TILE_ELEMENTS = 2048
 FORWARD_ELEMENTS_PER_THREAD = 16
 BACKWARD_TILE_ELEMENTS = 8192
-BACKWARD_ELEMENTS_PER_THREAD = 32
+BACKWARD_ELEMENTS_PER_THREAD = 16
 # backward programs per multiprocessor: each owns a run of rows and one fp32 row of dW partial sums, so
 # this also sets the workspace (programs x hidden x 4 bytes: 2 MiB at hidden 4096 on 132 SMs)
 BACKWARD_PROGRAMS_PER_SM = 1
