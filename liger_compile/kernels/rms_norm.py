@@ -93,6 +93,9 @@ def _rms_norm_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     X_DTYPE: tl.constexpr = X.dtype.element_ty
+    # Inductor may pass Python floats as fp64 (config._use_fp64_for_unbacked_floats): keep the math in fp32.
+    eps = tl.cast(eps, tl.float32)
+    offset = tl.cast(offset, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     X_rows = X + rows[:, None].to(tl.int64) * stride_x
@@ -148,6 +151,7 @@ def _rms_norm_backward_kernel(
 ):
     # A persistent grid: each program takes every num_programs-th block of rows and owns one row of
     # DW_PARTIAL, so dW needs no atomics (the launcher sums the partial rows afterwards).
+    offset = tl.cast(offset, tl.float32)  # see the forward kernel
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_M)
