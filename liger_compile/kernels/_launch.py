@@ -58,7 +58,7 @@ class RowTile:
     single_pass: bool  # the whole row fits in one tile, so the kernel can keep it in registers
 
 
-def row_tile(n_cols: int, *, max_block_n: int, tile_elements: int, elements_per_thread: int = 16) -> RowTile:
+def row_tile(n_cols: int, *, max_block_n: int, tile_elements: int, elements_per_thread: int) -> RowTile:
     """Tile for a kernel that reduces along the rows (of `n_cols` elements) of a matrix.
 
     The tile does not depend on the number of rows, so a graph compiled for dynamic shapes gets no guard on

@@ -32,8 +32,8 @@ FORWARD_TILE_ELEMENTS = 2048
 FORWARD_ELEMENTS_PER_THREAD = 16
 BACKWARD_TILE_ELEMENTS = 8192
 BACKWARD_ELEMENTS_PER_THREAD = 16
-# backward programs per multiprocessor: each owns a run of rows and one fp32 row of dW partial sums, so
-# this also sets the workspace (programs x hidden x 4 bytes: 2 MiB at hidden 4096 on 132 SMs)
+# backward programs per multiprocessor: each takes every n-th block of rows and owns one fp32 row of dW
+# partial sums, so this also sets the workspace (programs x hidden x 4 bytes: 2 MiB at hidden 4096 on 132 SMs)
 BACKWARD_PROGRAMS_PER_SM = 1
 # software-pipelining depth of the backward's loop over rows
 BACKWARD_STAGES = 3
@@ -75,10 +75,10 @@ def _multiplied_by_weight(xhat, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def _forward_block(X_rows, Y_rows, W, cols, mask, col_mask, rstd, offset,
-                   HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr):
-    x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = _multiplied_by_weight(x * rstd[:, None], X_rows.dtype.element_ty, MODE)
+def _store_normalized(x, Y_rows, W, cols, mask, col_mask, rstd, offset,
+                      X_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr):
+    """Normalise a loaded fp32 tile `x`, scale it by the weight factor and store it to Y's dtype."""
+    y = _multiplied_by_weight(x * rstd[:, None], X_DTYPE, MODE)
     if HAS_WEIGHT:
         y = y * _weight_factor(W, cols, col_mask, offset)[None, :]
     tl.store(Y_rows + cols[None, :], y.to(Y_rows.dtype.element_ty), mask=mask)
@@ -107,10 +107,7 @@ def _rms_norm_forward_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = _rstd(tl.sum(_squares(x, X_DTYPE, MODE), axis=1), n_cols, eps, X_DTYPE, MODE)
-        y = _multiplied_by_weight(x * rstd[:, None], X_DTYPE, MODE)
-        if HAS_WEIGHT:
-            y = y * _weight_factor(W, cols, col_mask, offset)[None, :]
-        tl.store(Y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        _store_normalized(x, Y_rows, W, cols, mask, col_mask, rstd, offset, X_DTYPE, HAS_WEIGHT, MODE)
     else:
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
@@ -122,8 +119,9 @@ def _rms_norm_forward_kernel(
         for start in range(0, n_cols, BLOCK_N):
             block_cols = start + cols
             col_mask = block_cols < n_cols
-            _forward_block(X_rows, Y_rows, W, block_cols, row_mask[:, None] & col_mask[None, :], col_mask,
-                           rstd, offset, HAS_WEIGHT, MODE)
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(X_rows + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            _store_normalized(x, Y_rows, W, block_cols, mask, col_mask, rstd, offset, X_DTYPE, HAS_WEIGHT, MODE)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
