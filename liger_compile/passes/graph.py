@@ -150,8 +150,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 def _module_path(dynamo_path: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
-    path = re.sub(r"^L\['[^']*'\]", "", dynamo_path)
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp`` (``G[...]``: a global)."""
+    path = re.sub(r"^[LG]\['[^']*'\]", "", dynamo_path)
     path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]",
                   lambda m: "." + next(g for g in m.groups() if g is not None), path)
     return path.strip(".") or "<root>"
@@ -171,20 +171,32 @@ def location(node: fx.Node) -> str:
     return " @ ".join(parts) or node.name
 
 
-def replace_with_call(graph: fx.Graph, final: fx.Node, target: Any, args: Sequence[Any],
-                      matched: Iterable[fx.Node]) -> fx.Node:
-    """Compute `final`'s value with one call of `target(*args)`, then drop matched nodes left unused.
+class Rewriter:
+    """Applies a family's matches to one graph, one after another.
 
-    `args` must be defined before `final` (true for any operand of the matched subgraph).
+    Matches are found before any is applied, so a later match may name, as an operand, the node an earlier
+    one replaced (a norm of a norm's output): `replace` maps such operands to their replacements.
     """
-    with graph.inserting_before(final):
-        new = graph.call_function(target, tuple(args))
-    for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in final.meta:
-            new.meta[key] = final.meta[key]
-    final.replace_all_uses_with(new)
-    erase_unused(graph, matched)
-    return new
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self._replacements: dict[fx.Node, fx.Node] = {}
+
+    def replace(self, final: fx.Node, target: Any, args: Sequence[Any], matched: Iterable[fx.Node]) -> fx.Node:
+        """Compute `final`'s value with one call of `target(*args)`, then drop matched nodes left unused.
+
+        `args` must be defined before `final` (true for any operand of the matched subgraph).
+        """
+        args = tuple(self._replacements.get(a, a) if isinstance(a, fx.Node) else a for a in args)
+        with self.graph.inserting_before(final):
+            new = self.graph.call_function(target, args)
+        for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in final.meta:
+                new.meta[key] = final.meta[key]
+        final.replace_all_uses_with(new)
+        self._replacements[final] = new
+        erase_unused(self.graph, matched)
+        return new
 
 
 def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:

@@ -29,8 +29,8 @@ from liger_compile.passes.graph import (
     number,
     only_user,
     other_operand,
+    Rewriter,
     reduced_dims,
-    replace_with_call,
     same_shape,
     tensor_meta,
 )
@@ -72,10 +72,18 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
         if match is not None and not claimed.intersection(match.nodes):
             claimed.update(match.nodes)
             matches.append(match)
+    rewriter = Rewriter(graph)
     for match in matches:
         args = (match.x, match.weight, match.eps, match.offset, match.casting_mode)
         record.rewrite(match.final, match.variant)
-        replace_with_call(graph, match.final, _TARGET, args, match.nodes + match.shared)
+        rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared)
+
+
+def _not_constant(what: str, operand) -> str:
+    if isinstance(operand, fx.Node) and isinstance(operand.meta.get("example_value"), torch.SymFloat):
+        return (f"{what} is a float Dynamo made dynamic (after recompiling with another value), not a constant; "
+                "torch._dynamo.config.specialize_float = True keeps it constant")
+    return f"{what} is not a constant"
 
 
 # --- torch.rms_norm / F.rms_norm / nn.RMSNorm -------------------------------------------------------------
@@ -103,10 +111,10 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
     shape = call["normalized_shape"]
     if not isinstance(shape, (list, tuple)) or not same_shape(shape, x_meta.shape[-1:]):
         raise _NearMiss(f"normalized_shape {shape} is not the last dim ({x_meta.shape[-1]})")
-    eps = call.get("eps")
-    eps = torch.finfo(torch.float32).eps if eps is None else number(eps)
+    eps_operand = call.get("eps")
+    eps = torch.finfo(torch.float32).eps if eps_operand is None else number(eps_operand)
     if eps is None:
-        raise _NearMiss("eps is not a constant")
+        raise _NearMiss(_not_constant("eps", eps_operand))
     if weight is not None:
         _check_weight(weight, x_meta)
     if not _torch_rms_norm_is_gemma_mode():
@@ -151,9 +159,10 @@ def _inverse_root(mean_sq: fx.Node):
     node, call = only_user(mean_sq), canonical(only_user(mean_sq))
     eps, chain = None, []
     if call is not None and call.op == "add" and call.get("alpha", 1) == 1:
-        eps = number(other_operand(call, mean_sq))
+        eps_operand = other_operand(call, mean_sq)
+        eps = number(eps_operand)
         if eps is None:
-            raise _NearMiss("eps added to the mean square is not a constant")
+            raise _NearMiss(_not_constant("eps added to the mean square", eps_operand))
         chain.append(node)
         node = only_user(node)
         call = canonical(node)

@@ -235,3 +235,30 @@ def test_rewrite_inside_activation_checkpoint():
     torch.manual_seed(0)
     report = check_rewrite(Checkpointed(), torch.randn(3, 4, HIDDEN), 1)
     assert report.near_misses == []
+
+
+def test_eps_made_dynamic_by_a_recompile_is_a_near_miss_that_says_so():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from liger_compile.report import collect
+
+    def apply(norm, x):
+        return norm(x)
+
+    compiled = torch.compile(apply, backend="liger", options={"compiler": "aot_eager"})
+    x = torch.randn(3, HIDDEN, device=DEVICE)
+    with collect() as report:
+        for eps in (1e-6, 1e-5):  # the second call recompiles with eps as a dynamic float
+            norm = LlamaRMSNorm(HIDDEN, eps=eps).to(DEVICE)
+            assert_close(compiled(norm, x), norm(x))
+    assert [len(graph.rewrites) for graph in report.graphs] == [1, 0]
+    assert "a float Dynamo made dynamic" in report.near_misses[0].reason
+
+
+def test_norm_of_a_norm_output_is_rewritten_twice():
+    """The second match's input is the node the first rewrite replaces (as in nanochat's double norm)."""
+    module = Spelled(lambda x, w: F.rms_norm(F.rms_norm(x, (HIDDEN,), eps=EPS), (HIDDEN,), w, EPS))
+    check_rewrite(module, torch.randn(2, 5, HIDDEN), 2)
+
+    chained = Spelled(lambda x, w: (lambda h: h * rsqrt_mean_sq(h) * w)(x * rsqrt_mean_sq(x)))
+    check_rewrite(chained, torch.randn(2, 5, HIDDEN), 2)
