@@ -139,6 +139,14 @@ def _squared(arg) -> fx.Node | None:
     return None
 
 
+def _normalizes(operand, z: fx.Node, product: fx.Node) -> bool:
+    """Whether `product` (operand * inverse root, or operand / root) normalises the value `z` was squared from:
+    `operand` is `z`, the same cast of its source, or the source itself when the product is computed in
+    `z`'s dtype and `z` is an exact cast of it (type promotion then widens the source exactly as `z` did)."""
+    return _same_value(operand, z) or (
+        operand is _upcast_source(z, dtype_of(z)) and dtype_of(product) == dtype_of(z))
+
+
 def _same_value(a, b) -> bool:
     """a and b are one node, or the same cast of one node (two ``x.float()`` calls)."""
     if a is b:
@@ -186,7 +194,7 @@ def _normalized(root: fx.Node, z: fx.Node, chain: list[fx.Node]):
     if call is None:
         return None
     if canonical(root).op == "sqrt":
-        if call.op == "div" and call["other"] is root and _same_value(call["input"], z):
+        if call.op == "div" and call["other"] is root and _normalizes(call["input"], z, node):
             return node, chain + [node]
         if not (call.op == "reciprocal" or (call.op == "div" and number(call["input"]) == 1.0)):
             return None
@@ -195,7 +203,7 @@ def _normalized(root: fx.Node, z: fx.Node, chain: list[fx.Node]):
         root = chain[-1]
     if call is None or call.op != "mul":
         return None
-    if not _same_value(other_operand(call, root), z):
+    if not _normalizes(other_operand(call, root), z, node):
         raise _NearMiss("the tensor normalised is not the one whose mean square was taken")
     return node, chain + [node]
 

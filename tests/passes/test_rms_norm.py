@@ -88,6 +88,8 @@ SPELLINGS = {
     "mean_of_dim_list": lambda: Spelled(lambda x, w: x * torch.rsqrt((x**2).mean([-1], keepdim=True) + EPS) * w),
     "method_chain": lambda: Spelled(lambda x, w: x.mul(x.pow(2).mean(dim=-1, keepdim=True).add(EPS).rsqrt()).mul(w)),
     "no_weight": lambda: Spelled(lambda x, w: x * rsqrt_mean_sq(x)),
+    "cpmant_uncast_input": lambda: Spelled(  # x * rsqrt(mean(x.float()**2)): the product widens x exactly
+        lambda x, w: (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w),
     "offset_weight_in_fp32": lambda: Spelled(
         lambda x, w: (x.float() * rsqrt_mean_sq(x.float()) * (1.0 + w.float())).to(x.dtype)),
 }
@@ -138,6 +140,7 @@ def test_each_spelling_is_rewritten_once_fp32(spelling):
     ("qwen3_qk_norm", "llama"),
     ("hf_gemma_one_plus_weight", "gemma"),
     ("offset_weight_in_fp32", "gemma"),
+    ("cpmant_uncast_input", "llama"),
     ("nn.RMSNorm", "torch.rms_norm"),
     ("x_times_x", "none"),
 ])
@@ -165,8 +168,8 @@ NEAR_MISSES = {
     "eps_outside_sqrt": (lambda x, w: x / (torch.sqrt(x.pow(2).mean(-1, keepdim=True)) + EPS) * w,
                          "outside the square root"),
     "normalises_another_tensor": (lambda x, w: (x + 1) * rsqrt_mean_sq(x) * w, "not the one whose mean square"),
-    "squares_fp32_normalises_input_dtype": (lambda x, w: x * rsqrt_mean_sq(x.float()) * w,
-                                            "not the one whose mean square"),
+    "statistic_in_input_dtype_normalises_upcast": (lambda x, w: x.float() * rsqrt_mean_sq(x) * w,
+                                                   "not the one whose mean square"),
     "mean_with_dtype": (lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True, dtype=torch.float32) + EPS),
                         "dtype argument"),
     "F.rms_norm_over_two_dims": (lambda x, w: F.rms_norm(x, x.shape[-2:], None, EPS), "not the last dim"),
