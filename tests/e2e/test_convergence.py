@@ -1,0 +1,66 @@
+"""Training with the liger backend follows eager training: 4-layer models, 32 AdamW steps, the same init.
+
+fp32 runs wherever the suite runs (CPU in CI); the bf16 variant needs a GPU and carries the `gpu` marker, which
+the device run selects with ``-m gpu``.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from liger_compile.report import collect
+from tests.conftest import DEVICE
+from tests.helpers import assert_relative_error
+from tests.models.architectures import VOCAB, build
+
+MODELS = ["llama", "qwen3", "gemma2", "mixtral", "phi3", "gpt_neox"]
+STEPS, BATCH, SEQ, TOP_K = 32, 4, 32, 5
+# (per-step loss rtol, final weights relative error, held-out top-k log-prob atol)
+TOLERANCES = {torch.float32: (1e-4, 1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2, 5e-2)}
+
+
+def train(model, forward, dtype):
+    """Per-step losses, then the top-k log-probs of a held-out batch after training."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(STEPS):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator).to(DEVICE)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+            loss = forward(ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+    held = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        logprobs = model(input_ids=held).logits.float().log_softmax(-1)
+    return torch.stack(losses), logprobs.topk(TOP_K, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", MODELS)
+def test_training_follows_eager(model_type, dtype):
+    if dtype == torch.bfloat16 and DEVICE != "cuda":
+        pytest.skip("bf16 convergence runs on a GPU")
+    model = build(model_type, num_hidden_layers=4).to(DEVICE)
+    reference = copy.deepcopy(model)
+    compiler = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(model, backend="liger", options={"compiler": compiler})
+    with collect() as report:
+        losses, (top_values, top_indices) = train(model, lambda i: compiled(input_ids=i, labels=i), dtype)
+    expected_losses, (expected_values, expected_indices) = train(
+        reference, lambda i: reference(input_ids=i, labels=i), dtype)
+
+    loss_rtol, weight_tolerance, logprob_atol = TOLERANCES[dtype]
+    assert not report.failures
+    assert sum(report.counts().values()) > 0 or model_type == "gpt_neox"  # GPT-NeoX has no RMSNorm
+    torch.testing.assert_close(losses, expected_losses, rtol=loss_rtol, atol=0)
+    assert losses[-1] < losses[0]  # it did learn something
+    for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+        assert_relative_error(param.detach(), ref_param.detach(), weight_tolerance)
+    same_order = top_indices == expected_indices
+    assert same_order.float().mean() > 0.99
+    torch.testing.assert_close(top_values[same_order], expected_values[same_order], rtol=0, atol=logprob_atol)
