@@ -8,7 +8,7 @@ launch-bound and shows each implementation's host overhead); peak memory allocat
 forward+backward (outputs and gradients included, as ../shared/anchors.md counts it); achieved bandwidth over
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
-    python benchmarks/bench_ops.py [--op rms_norm] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--op rms_norm] [--op glu] [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 try:
     import liger_kernel.ops as liger_kernel_ops
@@ -93,7 +94,84 @@ def rms_norm_cases(quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"rms_norm": rms_norm_cases}
+# --- SwiGLU / GeGLU ---------------------------------------------------------------------------------------
+
+def _liger_kernel_function(name: str):
+    return getattr(liger_kernel_ops, name, None) if liger_kernel_ops is not None else None
+
+
+def glu_cases(quick: bool) -> list[Case]:
+    """act(a) * b at Llama-3-8B's MLP width, then the whole MLP block (three Linears and the activation)."""
+    sizes = [(16384, 14336)] if quick else [(16384, 14336), (4096, 14336), (16384, 4096)]
+    cases = []
+    for op, eager, peer in [("swiglu", lambda a, b: F.silu(a) * b, "LigerSiLUMulFunction"),
+                            ("geglu", lambda a, b: F.gelu(a, approximate="tanh") * b, "LigerGELUMulFunction")]:
+        for rows, cols in sizes if op == "swiglu" else sizes[:1]:
+            def make_inputs(rows=rows, cols=cols):
+                torch.manual_seed(0)
+                return tuple(torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                             for _ in range(2))
+
+            def impls(op=op, eager=eager, peer=peer):
+                found = {
+                    "eager": eager,
+                    "inductor": torch.compile(eager, dynamic=False),
+                    "liger-compile op": getattr(torch.ops.liger, op),
+                    "liger-compile backend": torch.compile(eager, backend="liger", dynamic=False),
+                }
+                function = _liger_kernel_function(peer)
+                if function is not None:  # note: its backward overwrites a and b with their gradients
+                    found["liger-kernel"] = function.apply
+                return found
+
+            # forward reads a, b and writes y; backward reads dy, a, b and writes da, db
+            cases.append(Case(op, f"{rows}x{cols} bf16", make_inputs, lambda i: list(i), 8 * rows * cols * 2,
+                              impls))
+    if not quick:
+        cases += [mlp_case(16384, 4096, 14336), mlp_case(8192, 4096, 14336, layers=4)]
+    return cases
+
+
+def mlp_case(rows: int, hidden: int, intermediate: int, layers: int = 1) -> Case:
+    """`layers` residual Llama MLP blocks: with several, what each block saves for backward adds up."""
+    def llama_mlp(x, gate, up, down, act_mul):
+        """transformers' LlamaMLP.forward with the Linears as functions."""
+        return F.linear(act_mul(F.linear(x, gate), F.linear(x, up)), down)
+
+    def stack(act_mul):
+        def forward(x, *weights):
+            for layer in range(layers):
+                out = llama_mlp(x, *weights[3 * layer:3 * layer + 3], act_mul)
+                x = out if layers == 1 else x + out
+            return x
+        return forward
+
+    def make_inputs():
+        torch.manual_seed(0)
+        scale = hidden ** -0.5
+        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weights = [(torch.randn(shape, device="cuda") * scale).to(torch.bfloat16).requires_grad_()
+                   for _ in range(layers)
+                   for shape in ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))]
+        return (x, *weights)
+
+    def impls():
+        eager = stack(lambda a, b: F.silu(a) * b)
+        found = {
+            "eager": eager,
+            "inductor": torch.compile(eager, dynamic=False),
+            "liger-compile backend": torch.compile(eager, backend="liger", dynamic=False),
+        }
+        function = _liger_kernel_function("LigerSiLUMulFunction")
+        if function is not None:
+            found["liger-kernel"] = stack(function.apply)
+        return found
+
+    name = "llama_mlp" if layers == 1 else f"llama_mlp x{layers}"
+    return Case(name, f"{rows}x{hidden}x{intermediate} bf16", make_inputs, lambda i: list(i), 0, impls)
+
+
+CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -155,7 +233,7 @@ def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, 
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     row = Row(case.op, case.shape, name, fwd, fwd_bwd - fwd, fwd_bwd, launched, peak,
-              case.bytes_moved / fwd_bwd / 1e6, rel_error)
+              case.bytes_moved / fwd_bwd / 1e6, rel_error)  # GB/s is 0 where no minimal traffic is defined
     return row, results
 
 
@@ -169,7 +247,7 @@ def run(ops: list[str], quick: bool) -> list[Row]:
                 row, results = measure(case, name, fn, reference)
                 reference = reference or results
                 rows.append(row)
-                print(f"{row.op:<10}{row.shape:<22}{row.impl:<24}{row.fwd_ms:>8.3f}{row.bwd_ms:>8.3f}"
+                print(f"{row.op:<14}{row.shape:<22}{row.impl:<24}{row.fwd_ms:>8.3f}{row.bwd_ms:>8.3f}"
                       f"{row.fwd_bwd_ms:>9.3f}{row.launched_ms:>10.3f}{row.peak_mib:>7.0f}{row.gbps:>7.0f}"
                       f"{row.rel_error:>9.1e}", flush=True)
             torch.cuda.empty_cache()
@@ -201,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.cuda.get_device_name()
     print(f"{device}; liger-kernel {'present' if liger_kernel_ops else 'not importable'}")
-    print(f"{'op':<10}{'shape':<22}{'implementation':<24}{'fwd':>8}{'bwd':>8}{'fwd+bwd':>9}{'launched':>10}"
+    print(f"{'op':<14}{'shape':<22}{'implementation':<24}{'fwd':>8}{'bwd':>8}{'fwd+bwd':>9}{'launched':>10}"
           f"{'MiB':>7}{'GB/s':>7}{'error':>9}")
     rows = run(args.op or sorted(CASES), args.quick)
     os.makedirs(args.out, exist_ok=True)

@@ -32,6 +32,12 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "mean": ("input", "dim", "keepdim"),
     "cast": ("input",),
     "rms_norm": ("input", "normalized_shape", "weight", "eps"),
+    "silu": ("input", "inplace"),
+    "gelu": ("input", "approximate"),
+    "sigmoid": ("input",),
+    "tanh": ("input",),
+    "chunk": ("input", "chunks", "dim"),
+    "split": ("input", "split_size", "dim"),
 }
 
 _FUNCTIONS: dict[Any, str] = {
@@ -47,13 +53,18 @@ _FUNCTIONS: dict[Any, str] = {
     torch.mean: "mean", torch.Tensor.mean: "mean",
     torch.rms_norm: "rms_norm", F.rms_norm: "rms_norm",
     torch.Tensor.to: "cast", torch.Tensor.float: "cast", torch.Tensor.type_as: "cast",
+    F.silu: "silu", F.gelu: "gelu",
+    torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.tanh: "tanh",
+    torch.chunk: "chunk", torch.Tensor.chunk: "chunk",
+    torch.split: "split", torch.Tensor.split: "split",
 }
 
 _METHODS: dict[str, str] = {
     "add": "add", "sub": "sub", "mul": "mul", "div": "div", "true_divide": "div", "pow": "pow",
     "square": "square", "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "mean": "mean",
     "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
-    "type": "cast",
+    "type": "cast", "sigmoid": "sigmoid", "tanh": "tanh", "chunk": "chunk", "split": "split",
 }
 
 
@@ -85,6 +96,8 @@ def canonical(node: Any) -> Call | None:
         return None
     params = dict(zip(_PARAMETERS[op], node.args))
     params.update(node.kwargs)
+    if op == "split" and "split_size_or_sections" in params:  # torch.split's name for Tensor.split's split_size
+        params["split_size"] = params.pop("split_size_or_sections")
     if op == "cast" and not _is_pure_cast(node):
         return None
     return Call(op, params)

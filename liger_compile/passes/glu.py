@@ -1,0 +1,226 @@
+"""Gated MLP activations: ``act(a) * b`` becomes ``torch.ops.liger.gated_activation`` (SwiGLU, GeGLU).
+
+The activation may be ``F.silu`` (``nn.SiLU``, HF ``silu``/``swish``), ``F.gelu`` with ``approximate="tanh"``
+(``nn.GELU("tanh")``, HF ``gelu_pytorch_tanh``) or exact (``nn.GELU()``, HF ``gelu``), or HF ``gelu_new``'s
+arithmetic ``0.5 * a * (1 + tanh(sqrt(2/pi) * (a + 0.044715 * a**3)))`` in fp32; either operand order of the
+multiply. When ``a`` and ``b`` are the two halves of one tensor (``gate_up.chunk(2, -1)`` or
+``split(n, -1)``, as in Phi-3), the rewrite takes that tensor whole (``gated_activation_packed``), so neither the
+halves nor their gradients are materialised.
+
+The multiply must be elementwise over tensors of one shape, dtype and device, and the activation's value must
+feed only it; anything else is left alone and, when it looks like a gated activation, reported.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from liger_compile.ops._library import FLOAT_DTYPES
+from liger_compile.passes.graph import (
+    Rewriter,
+    canonical,
+    dtype_of,
+    number,
+    only_user,
+    other_operand,
+    reduced_dims,
+    same_shape,
+    tensor_meta,
+)
+from liger_compile.passes.manager import Recorder
+
+FAMILY = "glu"
+_TARGET = torch.ops.liger.gated_activation.default
+_PACKED_TARGET = torch.ops.liger.gated_activation_packed.default
+_VARIANTS = {"silu": "swiglu", "gelu_tanh": "geglu_tanh", "gelu": "geglu"}
+_GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+@dataclass
+class _Match:
+    final: fx.Node  # the multiply
+    activation: str
+    a: fx.Node
+    b: fx.Node
+    spelling: str
+    nodes: list[fx.Node]  # the activation's nodes and the multiply
+
+
+class _NearMiss(Exception):
+    """Raised inside the matcher: a gated activation the kernel cannot compute exactly."""
+
+
+def apply(graph: fx.Graph, record: Recorder) -> None:
+    matches: list[_Match] = []
+    claimed: set[fx.Node] = set()
+    for node in graph.nodes:
+        call = canonical(node)
+        if call is None or call.op != "mul":
+            continue
+        try:
+            match = _match(node, call["input"], call.get("other"))
+        except _NearMiss as miss:
+            record.near_miss(node, str(miss))
+            continue
+        if match is not None and not claimed.intersection(match.nodes):
+            claimed.update(match.nodes)
+            matches.append(match)
+    rewriter = Rewriter(graph)
+    for match in matches:
+        packed = _packed_source(match.a, match.b)
+        variant = _VARIANTS[match.activation] + (" packed" if packed is not None else "")
+        if match.spelling:
+            variant += f" ({match.spelling})"
+        record.rewrite(match.final, variant)
+        if packed is None:
+            new = rewriter.replace(match.final, _TARGET, (match.a, match.b, match.activation), match.nodes)
+        else:
+            source, split_nodes = packed
+            new = rewriter.replace(match.final, _PACKED_TARGET, (source, match.activation),
+                                   match.nodes + split_nodes)
+        # The product is as large as both inputs together, and backward keeps those anyway: recompute it there
+        # (for the down projection's weight gradient) instead of saving it, as Inductor does for its own
+        # pointwise kernels. AOTAutograd copies this tag onto the nodes traced from this one.
+        new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _match(mul: fx.Node, x, y) -> _Match | None:
+    for activated, b in ((x, y), (y, x)):
+        found = _activation(activated)
+        if found is not None:
+            break
+    else:
+        _check_sigmoid_gate(x, y)
+        return None
+    activation, a, nodes, spelling = found
+    if not isinstance(b, fx.Node):
+        return None  # a Python scalar factor: not a gated unit
+    if only_user(activated) is not mul:
+        raise _NearMiss("the activation's output is also used elsewhere, so it would be computed twice")
+    metas = {"a": tensor_meta(a), "b": tensor_meta(b), "activation": tensor_meta(activated),
+             "product": tensor_meta(mul)}
+    missing = [name for name, meta in metas.items() if meta is None]
+    if missing:
+        raise _NearMiss(f"no tensor metadata for {', '.join(missing)}")
+    shapes = {name: tuple(meta.shape) for name, meta in metas.items()}
+    if not all(same_shape(meta.shape, metas["a"].shape) for meta in metas.values()):
+        raise _NearMiss(f"operands broadcast (shapes {shapes}); the kernel multiplies tensors of one shape")
+    dtypes = {name: meta.dtype for name, meta in metas.items()}
+    if len(set(dtypes.values())) > 1 or metas["a"].dtype not in FLOAT_DTYPES:
+        raise _NearMiss(f"dtypes differ or are not supported: {dtypes}")
+    if len({meta.device for meta in metas.values()}) > 1:
+        raise _NearMiss("operands are on different devices")
+    return _Match(mul, activation, a, b, spelling, nodes + [mul])
+
+
+def _activation(node) -> tuple[str, fx.Node, list[fx.Node], str] | None:
+    """If `node` computes a supported activation of one tensor: (activation, its input, nodes, spelling)."""
+    call = canonical(node)
+    if call is None:
+        return None
+    if call.op == "silu":
+        if call.get("inplace", False):
+            raise _NearMiss("F.silu(inplace=True) also overwrites its input")
+        return "silu", call["input"], [node], ""
+    if call.op == "gelu":
+        approximate = call.get("approximate", "none")
+        if approximate not in _GELU_APPROXIMATIONS:
+            raise _NearMiss(f"gelu approximate={approximate!r} is not a constant 'none' or 'tanh'")
+        return _GELU_APPROXIMATIONS[approximate], call["input"], [node], ""
+    found = _gelu_new_arithmetic(node)
+    if found is None:
+        return None
+    a, nodes = found
+    if any(dtype_of(n) != torch.float32 for n in nodes):
+        raise _NearMiss(f"gelu_new arithmetic in {dtype_of(node)} rounds after every step; the kernel rounds once")
+    return "gelu_tanh", a, nodes, "gelu_new"
+
+
+def _constant_times(node, value: float, rel_tol: float = 1e-9) -> fx.Node | None:
+    """t when `node` is ``value * t`` (either order) for a tensor t."""
+    call = canonical(node)
+    if call is None or call.op != "mul":
+        return None
+    for constant, tensor in ((call["input"], call.get("other")), (call.get("other"), call["input"])):
+        c = number(constant)
+        if c is not None and math.isclose(c, value, rel_tol=rel_tol) and isinstance(tensor, fx.Node):
+            return tensor
+    return None
+
+
+def _plus_constant(node, value: float) -> fx.Node | None:
+    """t when `node` is ``value + t`` (either order)."""
+    call = canonical(node)
+    if call is None or call.op != "add" or call.get("alpha", 1) != 1:
+        return None
+    for constant, tensor in ((call["input"], call.get("other")), (call.get("other"), call["input"])):
+        if number(constant) == value and isinstance(tensor, fx.Node):
+            return tensor
+    return None
+
+
+def _gelu_new_arithmetic(node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(a, nodes) when `node` is ``(0.5 * a) * (1 + tanh(sqrt(2/pi) * (a + 0.044715 * a**3)))``."""
+    call = canonical(node)
+    if call is None or call.op != "mul":
+        return None
+    for half, one_plus in ((call["input"], call.get("other")), (call.get("other"), call["input"])):
+        a = _constant_times(half, 0.5)
+        tanh = _plus_constant(one_plus, 1.0)
+        tanh_call = canonical(tanh)
+        if a is None or tanh_call is None or tanh_call.op != "tanh":
+            continue
+        inner = _constant_times(tanh_call["input"], math.sqrt(2 / math.pi))
+        inner_call = canonical(inner)
+        if inner_call is None or inner_call.op != "add" or inner_call.get("alpha", 1) != 1:
+            continue
+        cubic_term = other_operand(inner_call, a)
+        cube = _constant_times(cubic_term, 0.044715)
+        cube_call = canonical(cube)
+        if cube_call is None or cube_call.op != "pow" or cube_call["input"] is not a:
+            continue
+        if number(cube_call["exponent"]) != 3.0:
+            continue
+        return a, [cube, cubic_term, inner, tanh_call["input"], tanh, one_plus, half, node]
+    return None
+
+
+def _check_sigmoid_gate(x, y) -> None:
+    for gate, other in ((x, y), (y, x)):
+        call = canonical(gate)
+        if call is None or call.op != "sigmoid" or call["input"] is other:
+            continue
+        gate_meta, other_meta = tensor_meta(gate), tensor_meta(other)
+        if gate_meta is not None and other_meta is not None and same_shape(gate_meta.shape, other_meta.shape):
+            raise _NearMiss("sigmoid(a) * b is a sigmoid-gated unit (GLU), not SwiGLU: no kernel for it")
+
+
+def _packed_source(a: fx.Node, b: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(t, split nodes) when a and b are the first and second halves of t's last dim, by chunk or split."""
+    if not all(isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
+               for n in (a, b)):
+        return None
+    (split, first), (split_b, second) = a.args, b.args
+    call = canonical(split)
+    if split is not split_b or (first, second) != (0, 1) or call is None or call.op not in ("chunk", "split"):
+        return None
+    source = tensor_meta(call["input"])
+    if source is None or source.dim() == 0:
+        return None
+    if reduced_dims(call.get("dim", 0), source.dim()) != (source.dim() - 1,):
+        return None
+    width = source.shape[-1]
+    if not isinstance(width, int) or width % 2:
+        return None
+    if call.op == "chunk":
+        halves = call.get("chunks") == 2
+    else:
+        sizes = call.get("split_size")
+        halves = sizes == width // 2 or (isinstance(sizes, (list, tuple)) and list(sizes) == [width // 2] * 2)
+    return (call["input"], [a, b, split]) if halves else None
