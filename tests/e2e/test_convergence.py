@@ -16,12 +16,14 @@ from tests.models.architectures import VOCAB, build
 
 MODELS = ["llama", "qwen3", "gemma2", "mixtral", "phi3", "gpt_neox"]
 STEPS, BATCH, SEQ, TOP_K = 32, 4, 32, 5
-# (per-step loss rtol, final weights relative error, held-out top-k log-prob atol)
-TOLERANCES = {torch.float32: (1e-4, 1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2, 5e-2)}
+# (per-step loss rtol, final weights relative error, held-out top-k log-prob atol). In bf16, AdamW turns the
+# rounding noise of tiny gradients into lr-sized steps, so final weights drift apart by a few percent even when
+# every op rounds as eager does.
+TOLERANCES = {torch.float32: (1e-4, 1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2, 5e-2)}
 
 
 def train(model, forward, dtype):
-    """Per-step losses, then the top-k log-probs of a held-out batch after training."""
+    """Per-step losses, then the log-probs of a held-out batch after training."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []
@@ -36,7 +38,7 @@ def train(model, forward, dtype):
     held = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator).to(DEVICE)
     with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         logprobs = model(input_ids=held).logits.float().log_softmax(-1)
-    return torch.stack(losses), logprobs.topk(TOP_K, dim=-1)
+    return torch.stack(losses), logprobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)],
@@ -50,9 +52,8 @@ def test_training_follows_eager(model_type, dtype):
     compiler = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(model, backend="liger", options={"compiler": compiler})
     with collect() as report:
-        losses, (top_values, top_indices) = train(model, lambda i: compiled(input_ids=i, labels=i), dtype)
-    expected_losses, (expected_values, expected_indices) = train(
-        reference, lambda i: reference(input_ids=i, labels=i), dtype)
+        losses, logprobs = train(model, lambda i: compiled(input_ids=i, labels=i), dtype)
+    expected_losses, expected_logprobs = train(reference, lambda i: reference(input_ids=i, labels=i), dtype)
 
     loss_rtol, weight_tolerance, logprob_atol = TOLERANCES[dtype]
     assert not report.failures
@@ -61,6 +62,6 @@ def test_training_follows_eager(model_type, dtype):
     assert losses[-1] < losses[0]  # it did learn something
     for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
         assert_relative_error(param.detach(), ref_param.detach(), weight_tolerance)
-    same_order = top_indices == expected_indices
-    assert same_order.float().mean() > 0.99
-    torch.testing.assert_close(top_values[same_order], expected_values[same_order], rtol=0, atol=logprob_atol)
+    # eager's top-k tokens, read in both: near-ties make the order itself noisy in bf16
+    expected_top, top_tokens = expected_logprobs.topk(TOP_K, dim=-1)
+    torch.testing.assert_close(logprobs.gather(-1, top_tokens), expected_top, rtol=0, atol=logprob_atol)
