@@ -35,17 +35,18 @@ def parity(model_class):
 
 class TestCustomModels(TestCase):
     def test_nanogpt(self):
-        # LayerNorm and GELU only: nothing for the RMSNorm family
-        self.assertExpectedInline(str(parity(NanoGPT).counts()), """{'rms_norm': 0}""")
+        # LayerNorm and an ungated GELU MLP: nothing for the RMSNorm and GLU families
+        self.assertExpectedInline(str(parity(NanoGPT).counts()), """{'rms_norm': 0, 'glu': 0}""")
 
     def test_meta_reference_llama(self):
-        # 2 layers x (attention_norm + ffn_norm) + final norm, all `.type_as(x) * weight`
+        # 2 layers x (attention_norm + ffn_norm) + final norm, all `.type_as(x) * weight`; w2(silu(w1(x)) * w3(x))
         report = parity(MetaLlama)
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
         self.assertEqual(report.near_misses, [])
 
     def test_fused_gate_up_llama(self):
-        # 2 layers x (norm_1 + norm_2) + final norm, nn.RMSNorm
+        # 2 layers x (norm_1 + norm_2) + final norm, nn.RMSNorm; one fused gate_up per layer, read whole
         report = parity(FusedLlama)
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
+        self.assertEqual({r.variant for r in report.rewrites if r.family == "glu"}, {"swiglu packed"})
         self.assertEqual(report.near_misses, [])
