@@ -51,3 +51,36 @@ def assert_relative_error(actual: torch.Tensor, expected: torch.Tensor, toleranc
     assert torch.isfinite(actual).all(), "non-finite values"
     error = ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
     assert error <= tolerance, f"relative error {error:.3g} > {tolerance:.3g}"
+
+
+def check_rewrite(module, x, family: str, expected_rewrites: int):
+    """Compile `module` with the backend (aot_eager) on input `x`: check that `family` rewrote
+    `expected_rewrites` places, and the output and every gradient against eager. Returns the report."""
+    from tests.conftest import DEVICE
+
+    module = module.to(DEVICE)
+    x = x.to(DEVICE).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = module(x_ref)
+    cotangent = torch.randn_like(expected)
+    expected.backward(cotangent)
+    expected_grads = [x_ref.grad] + [p.grad for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+
+    actual, report = compile_and_report(module, x)
+    actual.backward(cotangent)
+
+    assert report.counts()[family] == expected_rewrites, str(report)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert_close(actual, expected, dtype=x.dtype)
+    # Eager low-precision autograd rounds every intermediate while the kernels' backward runs in fp32, so
+    # single gradient elements can differ by more than an ulp there: compare those as a whole.
+    for grad, expected_grad in zip([x.grad] + [p.grad for p in module.parameters()], expected_grads):
+        assert (grad is None) == (expected_grad is None)
+        if grad is None:
+            continue
+        if x.dtype == torch.float32:
+            assert_close(grad, expected_grad, rtol=1e-4)
+        else:
+            assert_relative_error(grad, expected_grad, 1e-2)
+    return report

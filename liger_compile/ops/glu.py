@@ -78,15 +78,20 @@ def _rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [as_rows(t) for t in tensors]
 
 
-@torch.library.triton_op("liger::gated_activation", mutates_args=())
-def _gated_activation(a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
-    _check_activation(_OP, activation)
-    _check_pair(_OP, a, b)
+def _forward(a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(a) * b by the kernel or the reference; `a` and `b` may be views (the halves of a packed input)."""
     if not can_launch(a):
         return gated_activation_reference(a, b, activation).contiguous()
     y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     kernels.glu_forward(*_rows(a, b, y), activation)
     return y
+
+
+@torch.library.triton_op("liger::gated_activation", mutates_args=())
+def _gated_activation(a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+    _check_activation(_OP, activation)
+    _check_pair(_OP, a, b)
+    return _forward(a, b, activation)
 
 
 @torch.library.triton_op("liger::gated_activation_backward", mutates_args=())
@@ -106,13 +111,7 @@ def _gated_activation_backward(
 @torch.library.triton_op("liger::gated_activation_packed", mutates_args=())
 def _gated_activation_packed(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     _check_activation(_PACKED_OP, activation)
-    a, b = _halves(_PACKED_OP, gate_up)
-    if not can_launch(gate_up):
-        return gated_activation_reference(a, b, activation).contiguous()
-    y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    # Views of the halves: rows of `a` and `b` stride over the whole gate_up row.
-    kernels.glu_forward(*_rows(a, b, y), activation)
-    return y
+    return _forward(*_halves(_PACKED_OP, gate_up), activation)
 
 
 @torch.library.triton_op("liger::gated_activation_packed_backward", mutates_args=())

@@ -23,8 +23,10 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from liger_compile.ops._library import FLOAT_DTYPES
 from liger_compile.passes.graph import (
+    InexactMatch,
     Rewriter,
     canonical,
+    find_matches,
     dtype_of,
     number,
     only_user,
@@ -52,27 +54,16 @@ class _Match:
     nodes: list[fx.Node]  # the activation's nodes and the multiply
 
 
-class _NearMiss(Exception):
-    """Raised inside the matcher: a gated activation the kernel cannot compute exactly."""
+def _match_at(node: fx.Node) -> _Match | None:
+    call = canonical(node)
+    if call is None or call.op != "mul":
+        return None
+    return _match(node, call["input"], call.get("other"))
 
 
 def apply(graph: fx.Graph, record: Recorder) -> None:
-    matches: list[_Match] = []
-    claimed: set[fx.Node] = set()
-    for node in graph.nodes:
-        call = canonical(node)
-        if call is None or call.op != "mul":
-            continue
-        try:
-            match = _match(node, call["input"], call.get("other"))
-        except _NearMiss as miss:
-            record.near_miss(node, str(miss))
-            continue
-        if match is not None and not claimed.intersection(match.nodes):
-            claimed.update(match.nodes)
-            matches.append(match)
     rewriter = Rewriter(graph)
-    for match in matches:
+    for match in find_matches(graph, record, _match_at):
         packed = _packed_source(match.a, match.b)
         variant = _VARIANTS[match.activation] + (" packed" if packed is not None else "")
         if match.spelling:
@@ -102,20 +93,20 @@ def _match(mul: fx.Node, x, y) -> _Match | None:
     if not isinstance(b, fx.Node):
         return None  # a Python scalar factor: not a gated unit
     if only_user(activated) is not mul:
-        raise _NearMiss("the activation's output is also used elsewhere, so it would be computed twice")
+        raise InexactMatch("the activation's output is also used elsewhere, so it would be computed twice")
     metas = {"a": tensor_meta(a), "b": tensor_meta(b), "activation": tensor_meta(activated),
              "product": tensor_meta(mul)}
     missing = [name for name, meta in metas.items() if meta is None]
     if missing:
-        raise _NearMiss(f"no tensor metadata for {', '.join(missing)}")
+        raise InexactMatch(f"no tensor metadata for {', '.join(missing)}")
     shapes = {name: tuple(meta.shape) for name, meta in metas.items()}
     if not all(same_shape(meta.shape, metas["a"].shape) for meta in metas.values()):
-        raise _NearMiss(f"operands broadcast (shapes {shapes}); the kernel multiplies tensors of one shape")
+        raise InexactMatch(f"operands broadcast (shapes {shapes}); the kernel multiplies tensors of one shape")
     dtypes = {name: meta.dtype for name, meta in metas.items()}
     if len(set(dtypes.values())) > 1 or metas["a"].dtype not in FLOAT_DTYPES:
-        raise _NearMiss(f"dtypes differ or are not supported: {dtypes}")
+        raise InexactMatch(f"dtypes differ or are not supported: {dtypes}")
     if len({meta.device for meta in metas.values()}) > 1:
-        raise _NearMiss("operands are on different devices")
+        raise InexactMatch("operands are on different devices")
     return _Match(mul, activation, a, b, spelling, nodes + [mul])
 
 
@@ -126,19 +117,19 @@ def _activation(node) -> tuple[str, fx.Node, list[fx.Node], str] | None:
         return None
     if call.op == "silu":
         if call.get("inplace", False):
-            raise _NearMiss("F.silu(inplace=True) also overwrites its input")
+            raise InexactMatch("F.silu(inplace=True) also overwrites its input")
         return "silu", call["input"], [node], ""
     if call.op == "gelu":
         approximate = call.get("approximate", "none")
         if approximate not in _GELU_APPROXIMATIONS:
-            raise _NearMiss(f"gelu approximate={approximate!r} is not a constant 'none' or 'tanh'")
+            raise InexactMatch(f"gelu approximate={approximate!r} is not a constant 'none' or 'tanh'")
         return _GELU_APPROXIMATIONS[approximate], call["input"], [node], ""
     found = _gelu_new_arithmetic(node)
     if found is None:
         return None
     a, nodes = found
     if any(dtype_of(n) != torch.float32 for n in nodes):
-        raise _NearMiss(f"gelu_new arithmetic in {dtype_of(node)} rounds after every step; the kernel rounds once")
+        raise InexactMatch(f"gelu_new arithmetic in {dtype_of(node)} rounds after every step; the kernel rounds once")
     return "gelu_tanh", a, nodes, "gelu_new"
 
 
@@ -198,7 +189,7 @@ def _check_sigmoid_gate(x, y) -> None:
             continue
         gate_meta, other_meta = tensor_meta(gate), tensor_meta(other)
         if gate_meta is not None and other_meta is not None and same_shape(gate_meta.shape, other_meta.shape):
-            raise _NearMiss("sigmoid(a) * b is a sigmoid-gated unit (GLU), not SwiGLU: no kernel for it")
+            raise InexactMatch("sigmoid(a) * b is a sigmoid-gated unit (GLU), not SwiGLU: no kernel for it")
 
 
 def _packed_source(a: fx.Node, b: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:

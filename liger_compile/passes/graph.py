@@ -11,7 +11,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +182,27 @@ def location(node: fx.Node) -> str:
         file, line = (user_frames or frames)[-1]
         parts.append(f"{file.rsplit('/', 1)[-1]}:{line}")
     return " @ ".join(parts) or node.name
+
+
+class InexactMatch(Exception):
+    """Raised by a matcher: the structure is the pattern's, but the rewrite would not be exact (the message
+    says why; it becomes a near-miss in the report)."""
+
+
+def find_matches(graph: fx.Graph, record, match_at: Callable[[fx.Node], Any]) -> list:
+    """Try `match_at` on every node, in graph order; keep matches (objects with a ``nodes`` list) that share no
+    node with an earlier one, and record each `InexactMatch` raised as a near-miss at that node."""
+    matches, claimed = [], set()
+    for node in graph.nodes:
+        try:
+            match = match_at(node)
+        except InexactMatch as miss:
+            record.near_miss(node, str(miss))
+            continue
+        if match is not None and not claimed.intersection(match.nodes):
+            claimed.update(match.nodes)
+            matches.append(match)
+    return matches
 
 
 class Rewriter:

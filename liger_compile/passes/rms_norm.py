@@ -24,7 +24,9 @@ from liger_compile.ops._library import FLOAT_DTYPES
 from liger_compile.ops.rms_norm import rms_norm_reference
 from liger_compile.passes.graph import (
     Call,
+    InexactMatch,
     canonical,
+    find_matches,
     dtype_of,
     number,
     only_user,
@@ -53,27 +55,16 @@ class _Match:
     shared: list[fx.Node] = field(default_factory=list)  # inputs other norms may share (an upcast of x)
 
 
-class _NearMiss(Exception):
-    """Raised inside a matcher: the structure is an RMSNorm but the rewrite would not be exact."""
+def _match_at(node: fx.Node) -> _Match | None:
+    call = canonical(node)
+    if call is None or call.op not in ("rms_norm", "mean"):
+        return None
+    return _match_functional(node, call) if call.op == "rms_norm" else _match_arithmetic(node, call)
 
 
 def apply(graph: fx.Graph, record: Recorder) -> None:
-    matches: list[_Match] = []
-    claimed: set[fx.Node] = set()
-    for node in graph.nodes:
-        call = canonical(node)
-        if call is None or call.op not in ("rms_norm", "mean"):
-            continue
-        try:
-            match = _match_functional(node, call) if call.op == "rms_norm" else _match_arithmetic(node, call)
-        except _NearMiss as miss:
-            record.near_miss(node, str(miss))
-            continue
-        if match is not None and not claimed.intersection(match.nodes):
-            claimed.update(match.nodes)
-            matches.append(match)
     rewriter = Rewriter(graph)
-    for match in matches:
+    for match in find_matches(graph, record, _match_at):
         args = (match.x, match.weight, match.eps, match.offset, match.casting_mode)
         record.rewrite(match.final, match.variant)
         rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared)
@@ -105,20 +96,20 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
     x, weight = call["input"], call.get("weight")
     x_meta = tensor_meta(x)
     if x_meta is None or x_meta.dim() == 0:
-        raise _NearMiss("input has no tensor metadata")
+        raise InexactMatch("input has no tensor metadata")
     if x_meta.dtype not in FLOAT_DTYPES:
-        raise _NearMiss(f"input dtype {x_meta.dtype} is not supported")
+        raise InexactMatch(f"input dtype {x_meta.dtype} is not supported")
     shape = call["normalized_shape"]
     if not isinstance(shape, (list, tuple)) or not same_shape(shape, x_meta.shape[-1:]):
-        raise _NearMiss(f"normalized_shape {shape} is not the last dim ({x_meta.shape[-1]})")
+        raise InexactMatch(f"normalized_shape {shape} is not the last dim ({x_meta.shape[-1]})")
     eps_operand = call.get("eps")
     eps = torch.finfo(torch.float32).eps if eps_operand is None else number(eps_operand)
     if eps is None:
-        raise _NearMiss(_not_constant("eps", eps_operand))
+        raise InexactMatch(_not_constant("eps", eps_operand))
     if weight is not None:
         _check_weight(weight, x_meta)
     if not _torch_rms_norm_is_gemma_mode():
-        raise _NearMiss(f"torch {torch.__version__} rounds rms_norm differently from the kernel's modes")
+        raise InexactMatch(f"torch {torch.__version__} rounds rms_norm differently from the kernel's modes")
     return _Match(node, x, weight, eps, 0.0, "gemma", "torch.rms_norm", [node])
 
 
@@ -170,7 +161,7 @@ def _inverse_root(mean_sq: fx.Node):
         eps_operand = other_operand(call, mean_sq)
         eps = number(eps_operand)
         if eps is None:
-            raise _NearMiss(_not_constant("eps added to the mean square", eps_operand))
+            raise InexactMatch(_not_constant("eps added to the mean square", eps_operand))
         chain.append(node)
         node = only_user(node)
         call = canonical(node)
@@ -182,9 +173,9 @@ def _inverse_root(mean_sq: fx.Node):
     if call.op == "sqrt":
         after = canonical(only_user(node))
         if eps is None and after is not None and after.op == "add":
-            raise _NearMiss("eps is added outside the square root")
+            raise InexactMatch("eps is added outside the square root")
     if eps is None:
-        raise _NearMiss("no eps is added inside the square root")
+        raise InexactMatch("no eps is added inside the square root")
     return node, eps, chain
 
 
@@ -204,7 +195,7 @@ def _normalized(root: fx.Node, z: fx.Node, chain: list[fx.Node]):
     if call is None or call.op != "mul":
         return None
     if not _normalizes(other_operand(call, root), z, node):
-        raise _NearMiss("the tensor normalised is not the one whose mean square was taken")
+        raise InexactMatch("the tensor normalised is not the one whose mean square was taken")
     return node, chain + [node]
 
 
@@ -218,22 +209,22 @@ def _match_arithmetic(mean_sq: fx.Node, call: Call) -> _Match | None:
     root, eps, chain = found
     z_meta = tensor_meta(z)
     if z_meta is None or any(tensor_meta(n) is None for n in [mean_sq, *chain]):
-        raise _NearMiss("nodes lack tensor metadata")
+        raise InexactMatch("nodes lack tensor metadata")
     if z_meta.dtype not in FLOAT_DTYPES:
-        raise _NearMiss(f"input dtype {z_meta.dtype} is not supported")
+        raise InexactMatch(f"input dtype {z_meta.dtype} is not supported")
     if reduced_dims(call.get("dim"), z_meta.dim()) != (z_meta.dim() - 1,):
-        raise _NearMiss(f"mean over dim={call.get('dim')} is not over the last dim only")
+        raise InexactMatch(f"mean over dim={call.get('dim')} is not over the last dim only")
     if call.get("keepdim") is not True:
-        raise _NearMiss("mean without keepdim=True does not broadcast over the last dim")
+        raise InexactMatch("mean without keepdim=True does not broadcast over the last dim")
     if call.get("dtype") is not None:
-        raise _NearMiss("mean with a dtype argument casts inside the statistic")
+        raise InexactMatch("mean with a dtype argument casts inside the statistic")
     found = _normalized(root, z, chain)
     if found is None:
         return None
     h, chain = found
     statistic = [call["input"], mean_sq] + chain
     if any(dtype_of(n) != z_meta.dtype for n in statistic):
-        raise _NearMiss("dtype changes inside the statistic (autocast?), which the kernel does not round like")
+        raise InexactMatch("dtype changes inside the statistic (autocast?), which the kernel does not round like")
     return _extend(h, z, z_meta, eps, statistic)
 
 
@@ -331,11 +322,11 @@ def _weight_multiply(normalized: fx.Node, z_meta: torch.Tensor, *, result_dtype,
 def _check_weight(weight: fx.Node, x_meta: torch.Tensor) -> None:
     meta = tensor_meta(weight)
     if meta is None:
-        raise _NearMiss("weight has no tensor metadata")
+        raise InexactMatch("weight has no tensor metadata")
     if not same_shape(meta.shape, x_meta.shape[-1:]):
-        raise _NearMiss(f"multiplied by a tensor of shape {tuple(meta.shape)}, not a weight over the last dim "
+        raise InexactMatch(f"multiplied by a tensor of shape {tuple(meta.shape)}, not a weight over the last dim "
                         f"({x_meta.shape[-1]})")
     if meta.dtype not in FLOAT_DTYPES:
-        raise _NearMiss(f"weight dtype {meta.dtype} is not supported")
+        raise InexactMatch(f"weight dtype {meta.dtype} is not supported")
     if meta.device != x_meta.device:
-        raise _NearMiss(f"weight is on {meta.device}, input on {x_meta.device}")
+        raise InexactMatch(f"weight is on {meta.device}, input on {x_meta.device}")

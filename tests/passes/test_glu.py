@@ -8,7 +8,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from tests.conftest import DEVICE
-from tests.helpers import assert_close, compile_and_report
+from tests.helpers import check_rewrite as check_family_rewrite, compile_and_report
 
 HIDDEN, INTERMEDIATE = 32, 48
 
@@ -67,26 +67,8 @@ PACKED_SPELLINGS = {
 }
 
 
-def check_rewrite(module, x, expected_rewrites, tolerance_dtype=None):
-    """Compile `module` with the backend; check the rewrite count and forward/backward against eager."""
-    module = module.to(DEVICE)
-    x = x.to(DEVICE).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    expected = module(x_ref)
-    cotangent = torch.randn_like(expected)
-    expected.backward(cotangent)
-    expected_grads = [x_ref.grad] + [p.grad for p in module.parameters()]
-    module.zero_grad(set_to_none=True)
-
-    actual, report = compile_and_report(module, x)
-    actual.backward(cotangent)
-
-    assert report.counts()["glu"] == expected_rewrites, str(report)
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert_close(actual, expected, dtype=tolerance_dtype or x.dtype)
-    for grad, expected_grad in zip([x.grad] + [p.grad for p in module.parameters()], expected_grads):
-        assert_close(grad, expected_grad, dtype=tolerance_dtype or x.dtype)
-    return report
+def check_rewrite(module, x, expected_rewrites):
+    return check_family_rewrite(module, x, "glu", expected_rewrites)
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
