@@ -4,12 +4,14 @@ Writes docs/coverage.md (one row per architecture: rewrites per family, graphs w
 with the backend, near-misses, status) and tests/models/expected_architectures.py (the expectations
 tests/models/test_architectures.py checks; review its diff before committing it).
 
-    TRITON_INTERPRET=1 python benchmarks/coverage.py [model_type ...]
+    python benchmarks/coverage.py [model_type ...]   (all: also saves the raw rows to results/coverage.json)
+    python benchmarks/coverage.py --from-results     (rewrite the two files from those rows)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pprint
 import sys
@@ -19,6 +21,7 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "coverage.json")
 sys.path.insert(0, ROOT)
 # As in the tests: without a GPU the liger ops run their Triton kernels through the interpreter.
 if not torch.cuda.is_available():
@@ -28,11 +31,16 @@ from liger_compile.passes import FAMILIES  # noqa: E402
 from tests.models.architectures import (  # noqa: E402
     GRAD_TOLERANCE, LOSS_TOLERANCE, Unbuildable, build, check, expectation, step_inputs, training_step)
 
-# Why a near-miss left in the table is right to be left (by model type).
-NEAR_MISS_EXPLANATIONS = {
+# Why a near-miss left in the table is right to be left: by model type where the reason alone does not say,
+# else by a phrase of the reason.
+MODEL_EXPLANATIONS = {
     "cohere": "Cohere's LayerNorm subtracts the mean: LayerNorm without bias, for the layer_norm family.",
     "cohere2": "as cohere",
     "cohere2_moe": "as cohere",
+}
+REASON_EXPLANATIONS = {
+    "sigmoid-gated": "a sigmoid gate (of an attention output or expert mix, GPT-OSS's clamped alpha-SwiGLU, RWKV's "
+                     "receptance), not an activation the kernels compute.",
 }
 
 
@@ -103,15 +111,26 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         if r["status"] == "ok":
             counts = " | ".join(str(r["counts"].get(f, 0)) for f in FAMILIES)
-            notes = ""
-            if r["near_misses"]:
-                notes = f"{len(r['near_misses'])} near-misses ({r['near_misses'][0].split(': ', 1)[1]}): " + \
-                    NEAR_MISS_EXPLANATIONS.get(r["model_type"], "UNEXPLAINED")
+            notes = "; ".join(_explained(r["model_type"], r["near_misses"]))
             lines.append(f"| {r['model_type']} | passes | {counts} | {r['plain_graphs']} / {r['graphs']} | {notes} |")
         else:
             blank = " | ".join("" for _ in FAMILIES)
             lines.append(f"| {r['model_type']} | {r['status']} | {blank} | | {r['reason'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+def _explained(model_type: str, near_misses: list[str]) -> list[str]:
+    """One note per distinct near-miss reason: how many, the reason, and why it is right to leave it."""
+    reasons: dict[str, int] = {}
+    for near_miss in near_misses:
+        reason = near_miss.split(": ", 1)[1]  # after the location
+        reasons[reason] = reasons.get(reason, 0) + 1
+    notes = []
+    for reason, count in reasons.items():
+        why = MODEL_EXPLANATIONS.get(model_type) or next(
+            (text for phrase, text in REASON_EXPLANATIONS.items() if phrase in reason), "UNEXPLAINED")
+        notes.append(f"{count} near-miss{'es' if count > 1 else ''} ({reason}): {why}")
+    return notes
 
 
 def expectations(rows: list[dict]) -> str:
@@ -132,14 +151,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*", help="default: all")
+    parser.add_argument("--from-results", action="store_true",
+                        help=f"rewrite the two files from the last full run's {RESULTS} without running anything")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
-    rows = survey(args.model_types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
-    if args.model_types:
-        return 0
+    if args.from_results:
+        with open(RESULTS) as f:
+            rows = json.load(f)
+    else:
+        rows = survey(args.model_types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+        if args.model_types:
+            return 0
+        with open(RESULTS, "w") as f:
+            json.dump(rows, f, indent=0)
     with open(os.path.join(ROOT, "docs", "coverage.md"), "w") as f:
         f.write(markdown(rows))
     with open(os.path.join(ROOT, "tests", "models", "expected_architectures.py"), "w") as f:
