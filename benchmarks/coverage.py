@@ -5,6 +5,7 @@ with the backend, near-misses, status) and tests/models/expected_architectures.p
 tests/models/test_architectures.py checks; review its diff before committing it).
 
     python benchmarks/coverage.py [model_type ...]   (all: also saves the raw rows to results/coverage.json)
+    python benchmarks/coverage.py --merge model_type ...  (re-check some; merge them into those rows)
     python benchmarks/coverage.py --from-results     (rewrite the two files from those rows)
 """
 
@@ -40,7 +41,7 @@ MODEL_EXPLANATIONS = {
 }
 REASON_EXPLANATIONS = {
     "sigmoid-gated": "a sigmoid gate (of an attention output or expert mix, GPT-OSS's clamped alpha-SwiGLU, RWKV's "
-                     "receptance), not an activation the kernels compute.",
+                     "receptance, xLSTM's output gate), not an activation the kernels compute.",
 }
 
 
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*", help="default: all")
+    parser.add_argument("--merge", action="store_true",
+                        help=f"with model types: replace their rows in {RESULTS} and rewrite the two files")
     parser.add_argument("--from-results", action="store_true",
                         help=f"rewrite the two files from the last full run's {RESULTS} without running anything")
     args = parser.parse_args(argv)
@@ -163,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.load(f)
     else:
         rows = survey(args.model_types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
-        if args.model_types:
+        if args.model_types and not args.merge:
             return 0
+        if args.merge:
+            with open(RESULTS) as f:
+                merged = {row["model_type"]: row for row in json.load(f)}
+            merged.update({row["model_type"]: row for row in rows})
+            rows = [merged[t] for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t in merged]
         with open(RESULTS, "w") as f:
             json.dump(rows, f, indent=0)
     with open(os.path.join(ROOT, "docs", "coverage.md"), "w") as f:

@@ -18,6 +18,7 @@ EXPECTED = {'afmoe': {'glu': 3, 'graphs': 1, 'near_misses': 2, 'rms_norm': 13},
  'bigbird_pegasus': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'biogpt': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'bitnet': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
+ 'blenderbot': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'blenderbot-small': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'bloom': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'camembert': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
@@ -43,6 +44,7 @@ EXPECTED = {'afmoe': {'glu': 3, 'graphs': 1, 'near_misses': 2, 'rms_norm': 13},
  'ernie4_5_moe': {'glu': 3, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
  'exaone4': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
  'exaone_moe': {'glu': 3, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
+ 'falcon': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'falcon_h1': {'glu': 4, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
  'falcon_mamba': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
  'flex_olmo': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
@@ -63,6 +65,7 @@ EXPECTED = {'afmoe': {'glu': 3, 'graphs': 1, 'near_misses': 2, 'rms_norm': 13},
  'gpt-sw3': {'glu': 0, 'graphs': 2, 'near_misses': 0, 'rms_norm': 0},
  'gpt2': {'glu': 0, 'graphs': 2, 'near_misses': 0, 'rms_norm': 0},
  'gpt_bigcode': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
+ 'gpt_neo': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'gpt_neox': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'gpt_neox_japanese': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'gpt_oss': {'glu': 0, 'graphs': 1, 'near_misses': 2, 'rms_norm': 5},
@@ -131,6 +134,8 @@ EXPECTED = {'afmoe': {'glu': 3, 'graphs': 1, 'near_misses': 2, 'rms_norm': 13},
  'phi3': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
  'phi4_multimodal': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
  'phimoe': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
+ 'plbart': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
+ 'prophetnet': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'qwen2': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
  'qwen2_moe': {'glu': 4, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
  'qwen3': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
@@ -156,20 +161,23 @@ EXPECTED = {'afmoe': {'glu': 3, 'graphs': 1, 'near_misses': 2, 'rms_norm': 13},
  'starcoder2': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'trocr': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'vaultgemma': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 5},
+ 'whisper': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'xglm': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'xlm': {'glu': 0, 'graphs': 5, 'near_misses': 0, 'rms_norm': 0},
  'xlm-roberta': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
  'xlm-roberta-xl': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
- 'youtu': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9}}
+ 'xlnet': {'glu': 0, 'graphs': 1, 'near_misses': 0, 'rms_norm': 0},
+ 'xlstm': {'glu': 2, 'graphs': 1, 'near_misses': 2, 'rms_norm': 5},
+ 'youtu': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 9},
+ 'zamba2': {'glu': 63, 'graphs': 1, 'near_misses': 0, 'rms_norm': 127},
+ 'zaya': {'glu': 2, 'graphs': 1, 'near_misses': 0, 'rms_norm': 7}}
 
-UNBUILDABLE = {'blenderbot': '33M parameters after shrinking the config',
- 'blt': '193M parameters after shrinking the config',
+UNBUILDABLE = {'blt': '197M parameters after shrinking the config',
  'cohere_compass_text': "config: KeyError: 'full_attention'",
  'dbrx': "config: AttributeError: 'DbrxAttentionConfig' object has no attribute 'rope_theta'",
  'dots3_note': 'config: StrictDataclassClassValidationError: Class validation error for validator '
                "'validate_layer_type':",
  'dots3_note_text': '21M parameters after shrinking the config',
- 'falcon': "config: AttributeError: property 'head_dim' of 'FalconConfig' object has no setter",
  'gemma3n': 'config: ValueError: activation_sparsity_pattern must have an explicit activation sparsity value for '
             'every layer.Expected 2 values but got 35.',
  'gemma3n_text': 'config: ValueError: The set of layer types producing a cache is different than the set of layer '
@@ -181,30 +189,13 @@ UNBUILDABLE = {'blenderbot': '33M parameters after shrinking the config',
  'gemma4_unified_assistant': 'config: ValueError: The set of layer types producing a cache is different than the '
                              'set of layer types using them',
  'git': 'eager step: ValueError: Expected input batch_size (0) to match target batch_size (30).',
- 'gpt_neo': 'config: StrictDataclassClassValidationError: Class validation error for validator '
-            "'validate_architecture':",
  'lfm2_moe': "config: TypeError: 'NoneType' object is not subscriptable",
  'llama4': 'config: StrictDataclassClassValidationError: Class validation error for validator '
            "'validate_layer_type':",
- 'mamba2': 'config: StrictDataclassClassValidationError: Class validation error for validator '
-           "'validate_architecture':",
+ 'mamba2': '220M parameters after shrinking the config',
  'musicgen': "config: AttributeError: 'MusicgenConfig' object has no attribute 'dropout'",
  'musicgen_melody': "config: AttributeError: 'MusicgenMelodyConfig' object has no attribute 'dropout'",
- 'plbart': 'config: ValueError: embed_dim must be divisible by num_heads (got `embed_dim`: 64 and `num_heads`: '
-           '12).',
- 'prophetnet': 'config: NotImplementedError: This model does not support the setting of `num_hidden_layers`. '
-               'Please set `num_encoder_layers` and `num_decoder_layers`.',
  'reformer': 'config: AssertionError: If you want to use `ReformerModelWithLMHead` make sure that '
              '`is_decoder=True`.',
- 'whisper': 'config: ValueError: embed_dim must be divisible by num_heads (got `embed_dim`: 64 and `num_heads`: '
-            '6).',
- 'xlnet': 'config: NotImplementedError: The model xlnet is one of the few models that has no sequence length '
-          'limit.',
- 'xlstm': "config: AttributeError: property 'v_head_dim' of 'xLSTMConfig' object has no setter",
  'xmod': 'eager step: ValueError: Input language unknown. Please call `XmodPreTrainedModel.set_default_language()`',
- 'zamba': 'config: StrictDataclassClassValidationError: Class validation error for validator '
-          "'validate_layer_type':",
- 'zamba2': 'config: StrictDataclassClassValidationError: Class validation error for validator '
-           "'validate_layer_type':",
- 'zaya': 'config: StrictDataclassClassValidationError: Class validation error for validator '
-         "'validate_architecture':"}
+ 'zamba': 'Dynamo was still tracing its Mamba layers after 8 minutes (tracing comes before any backend runs)'}
