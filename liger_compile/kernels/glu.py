@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from liger_compile.kernels._launch import row_tile, traceable
+from liger_compile.kernels._math import round_to
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 _SILU: tl.constexpr = tl.constexpr(0)
@@ -31,12 +32,6 @@ _SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
 _GELU_TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)
 _RSQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)
 _RSQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """Round fp32 values to `dtype` and back: the value PyTorch stores for an intermediate of that dtype."""
-    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -87,7 +82,7 @@ def _glu_forward_kernel(A, B, Y, n_rows, n_cols, stride_a, stride_b, stride_y,
     a = tl.load(A + rows * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + rows * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
     activated, _ = _activation(a, ACTIVATION, False)
-    tl.store(Y + rows * stride_y + cols, (_round(activated, dtype) * b).to(dtype), mask=mask)
+    tl.store(Y + rows * stride_y + cols, (round_to(activated, dtype) * b).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -100,8 +95,8 @@ def _glu_backward_kernel(DY, A, B, DA, DB, n_rows, n_cols, stride_dy, stride_a, 
     b = tl.load(B + rows * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
     activated, derivative = _activation(a, ACTIVATION, True)
     # eager: db = dy * round(act(a)); d_act = round(dy * b); da = d_act * act'(a)
-    tl.store(DB + rows * stride_db + cols, (dy * _round(activated, dtype)).to(dtype), mask=mask)
-    tl.store(DA + rows * stride_da + cols, (_round(dy * b, dtype) * derivative).to(dtype), mask=mask)
+    tl.store(DB + rows * stride_db + cols, (dy * round_to(activated, dtype)).to(dtype), mask=mask)
+    tl.store(DA + rows * stride_da + cols, (round_to(dy * b, dtype) * derivative).to(dtype), mask=mask)
 
 
 def _launch(kernel, n_rows: int, n_cols: int, *args, activation: str) -> None:

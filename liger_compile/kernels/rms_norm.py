@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from liger_compile.kernels._launch import persistent_programs, row_tile, traceable
+from liger_compile.kernels._math import round_to
 
 CASTING_MODES = ("llama", "gemma", "none")
 _GEMMA: tl.constexpr = tl.constexpr(1)
@@ -40,15 +41,9 @@ BACKWARD_STAGES = 3
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
-    """Round fp32 values to `dtype` and back: the value PyTorch stores for an intermediate of that dtype."""
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _squares(x, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
     if MODE == _NONE:
-        return _round(x * x, X_DTYPE)
+        return round_to(x * x, X_DTYPE)
     return x * x
 
 
@@ -56,14 +51,14 @@ def _squares(x, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
 def _rstd(sum_sq, n_cols, eps, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
     mean_sq = sum_sq / n_cols
     if MODE == _NONE:
-        return _round(tl.rsqrt(_round(_round(mean_sq, X_DTYPE) + eps, X_DTYPE)), X_DTYPE)
+        return round_to(tl.rsqrt(round_to(round_to(mean_sq, X_DTYPE) + eps, X_DTYPE)), X_DTYPE)
     return tl.rsqrt(mean_sq + eps)
 
 
 @triton.jit
 def _weight_factor(W, cols, col_mask, offset):
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    return _round(w + offset, W.dtype.element_ty)
+    return round_to(w + offset, W.dtype.element_ty)
 
 
 @triton.jit
@@ -71,7 +66,7 @@ def _multiplied_by_weight(xhat, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
     """The normalized value as it enters the weight multiply: rounded to x's dtype except in gemma mode."""
     if MODE == _GEMMA:
         return xhat
-    return _round(xhat, X_DTYPE)
+    return round_to(xhat, X_DTYPE)
 
 
 @triton.jit
