@@ -33,6 +33,7 @@ from liger_compile.passes.graph import (
     other_operand,
     reduced_dims,
     same_shape,
+    scalar_and_tensor,
     tensor_meta,
 )
 from liger_compile.passes.manager import Recorder
@@ -133,27 +134,16 @@ def _activation(node) -> tuple[str, fx.Node, list[fx.Node], str] | None:
     return "gelu_tanh", a, nodes, "gelu_new"
 
 
-def _constant_times(node, value: float, rel_tol: float = 1e-9) -> fx.Node | None:
-    """t when `node` is ``value * t`` (either order) for a tensor t."""
-    call = canonical(node)
-    if call is None or call.op != "mul":
-        return None
-    for constant, tensor in ((call["input"], call.get("other")), (call.get("other"), call["input"])):
-        c = number(constant)
-        if c is not None and math.isclose(c, value, rel_tol=rel_tol) and isinstance(tensor, fx.Node):
-            return tensor
-    return None
+def _constant_times(node, value: float) -> fx.Node | None:
+    """t when `node` is ``value * t`` (either order; `value` to 1e-9, as code spells it with fewer digits)."""
+    found = scalar_and_tensor(node, "mul")
+    return found[1] if found is not None and math.isclose(found[0], value, rel_tol=1e-9) else None
 
 
 def _plus_constant(node, value: float) -> fx.Node | None:
     """t when `node` is ``value + t`` (either order)."""
-    call = canonical(node)
-    if call is None or call.op != "add" or call.get("alpha", 1) != 1:
-        return None
-    for constant, tensor in ((call["input"], call.get("other")), (call.get("other"), call["input"])):
-        if number(constant) == value and isinstance(tensor, fx.Node):
-            return tensor
-    return None
+    found = scalar_and_tensor(node, "add")
+    return found[1] if found is not None and found[0] == value else None
 
 
 def _gelu_new_arithmetic(node) -> tuple[fx.Node, list[fx.Node]] | None:

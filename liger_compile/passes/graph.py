@@ -159,6 +159,18 @@ def other_operand(call: Call, node: fx.Node) -> Any:
     return None
 
 
+def scalar_and_tensor(node: Any, op: str) -> tuple[float, fx.Node] | None:
+    """(c, t) when `node` is ``c + t`` (``op="add"``, no alpha) or ``c * t`` (``op="mul"``), in either operand
+    order, for a Python number c and a graph value t."""
+    call = canonical(node)
+    if call is None or call.op != op or call.get("alpha", 1) != 1:
+        return None
+    for constant, tensor in ((call["input"], call.get("other")), (call.get("other"), call["input"])):
+        if number(constant) is not None and isinstance(tensor, fx.Node):
+            return number(constant), tensor
+    return None
+
+
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 

@@ -34,6 +34,7 @@ from liger_compile.passes.graph import (
     Rewriter,
     reduced_dims,
     same_shape,
+    scalar_and_tensor,
     tensor_meta,
 )
 from liger_compile.passes.manager import Recorder
@@ -303,12 +304,10 @@ def _weight_multiply(normalized: fx.Node, z_meta: torch.Tensor, *, result_dtype,
     if tensor_meta(factor) is None:
         return None  # a Python scalar: a different computation, left outside the match
     weight, offset, absorbed = factor, 0.0, []
-    factor_call = canonical(factor)
-    if factor_call is not None and factor_call.op == "add" and factor_call.get("alpha", 1) == 1:
-        a, b = factor_call["input"], factor_call["other"]
-        constant, tensor = (a, b) if number(a) is not None else (b, a)
-        if number(constant) is not None and dtype_of(tensor) == dtype_of(factor):
-            weight, offset, absorbed = tensor, number(constant), [factor]
+    offset_plus_weight = scalar_and_tensor(factor, "add")
+    if offset_plus_weight is not None and dtype_of(offset_plus_weight[1]) == dtype_of(factor):
+        offset, weight = offset_plus_weight
+        absorbed = [factor]
     _check_weight(weight, z_meta)
     w_dtype = dtype_of(weight)
     if weight_dtype is not None and w_dtype != weight_dtype:
