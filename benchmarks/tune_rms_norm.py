@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
 
+from _tuning import bench, run_sweep
 from liger_compile.kernels import rms_norm as kernels
 from liger_compile.kernels._launch import row_tile
 
 SHAPES = [(16384, 4096), (65536, 1024), (4096, 16384), (262144, 128)]
 FORWARD_GRID = dict(max_block_n=(8192, 16384), tile=(2048, 4096, 8192), per_thread=(8, 16, 32))
 BACKWARD_GRID = dict(FORWARD_GRID, per_sm=(1, 2, 4), stages=(1, 2, 3))
-
-
-def bench(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def settings(grid: dict, hidden: int):
@@ -73,23 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{r}x{h}" for r, h in SHAPES))
     args = parser.parse_args(argv)
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shape] if args.shape else SHAPES
-    if not torch.cuda.is_available():
-        print("tune_rms_norm: no CUDA device; the sweep only measures GPUs.")
-        return 0
-    results = []
-    with set_wrap_triton_enabled(False):
-        for rows, hidden in shapes:
-            shape_results = sweep_shape(rows, hidden)
-            results += shape_results
-            for pass_ in ("forward", "backward"):
-                best = sorted((r for r in shape_results if r["pass_"] == pass_), key=lambda r: r["ms"])[:4]
-                print(f"{rows}x{hidden} {pass_}: " + "; ".join(
-                    f"{r['ms']:.4f} ms {({k: v for k, v in r.items() if k not in ('pass_', 'rows', 'hidden', 'ms')})}"
-                    for r in best), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tune_rms_norm.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=0)
-    return 0
+    return run_sweep("tune_rms_norm", shapes, sweep_shape, args.out)
 
 
 if __name__ == "__main__":
