@@ -8,7 +8,7 @@ launch-bound and shows each implementation's host overhead); peak memory allocat
 forward+backward (outputs and gradients included, as ../shared/anchors.md counts it); achieved bandwidth over
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
-    python benchmarks/bench_ops.py [--op rms_norm] [--op glu] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--op rms_norm] [--op glu] [--op rope] [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -171,7 +171,65 @@ def mlp_case(rows: int, hidden: int, intermediate: int, layers: int = 1) -> Case
     return Case(name, f"{rows}x{hidden}x{intermediate} bf16", make_inputs, lambda i: list(i), 0, impls)
 
 
-CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases}
+# --- RoPE -----------------------------------------------------------------------------------------------
+
+def hf_rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' Llama apply_rotary_pos_emb."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + hf_rotate_half(q) * sin, k * cos + hf_rotate_half(k) * sin
+
+
+def rope_cases(quick: bool) -> list[Case]:
+    """q and k of Llama-3-8B's attention (32 / 8 heads of 128): the projections' outputs are the inputs, viewed
+    as (B, H, T, D) heads inside each implementation as HF attention does (leaf views would make autograd
+    copy every gradient into the view's layout, for all implementations alike)."""
+    sizes = [(4, 4096)] if quick else [(4, 4096), (1, 4096), (8, 1024)]
+    heads_q, heads_k, head_dim = 32, 8, 128
+    cases = []
+    for batch, seq in sizes:
+        def make_inputs(batch=batch, seq=seq):
+            torch.manual_seed(0)
+            projections = [torch.randn(batch, seq, n * head_dim, device="cuda", dtype=torch.bfloat16,
+                                       requires_grad=True) for n in (heads_q, heads_k)]
+            positions = torch.randint(0, 8192, (batch, seq), device="cuda")  # any position ids, per row
+            inv_freq = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+            emb = (positions[..., None].float() * inv_freq).repeat(1, 1, 2)
+            return (*projections, emb.cos().bfloat16(), emb.sin().bfloat16())
+
+        def on_heads(apply):
+            def fn(q_proj, k_proj, cos, sin):
+                def heads(x):
+                    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+                return apply(heads(q_proj), heads(k_proj), cos, sin)
+            return fn
+
+        def impls():
+            found = {
+                "eager": on_heads(hf_apply_rotary_pos_emb),
+                "inductor": torch.compile(on_heads(hf_apply_rotary_pos_emb), dynamic=False),
+                "liger-compile op": on_heads(lambda q, k, cos, sin: torch.ops.liger.rope_pair(
+                    q, k, cos.unsqueeze(1), sin.unsqueeze(1))),
+                "liger-compile backend": torch.compile(on_heads(hf_apply_rotary_pos_emb), backend="liger",
+                                                       dynamic=False),
+            }
+            function = _liger_kernel_function("LigerRopeFunction")
+            if function is not None:  # note: rotates q and k in place, and the output gradients in backward
+                found["liger-kernel"] = on_heads(function.apply)
+            return found
+
+        # forward reads q, k and writes both rotated; backward reads their gradients and writes q's and k's
+        elements = batch * seq * (heads_q + heads_k) * head_dim
+        cases.append(Case("rope", f"{batch}x{heads_q}/{heads_k}x{seq}x{head_dim} bf16", make_inputs,
+                          lambda i: list(i[:2]), 4 * elements * 2, impls))
+    return cases
+
+
+CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases, "rope": rope_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -205,7 +263,11 @@ def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, 
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.manual_seed(1)
-    cotangents = [torch.randn_like(o) for o in outputs]
+    # the same values for every implementation, each in its output's memory layout (randn_like would fill
+    # memory in order, giving other values to an output laid out otherwise)
+    cotangents = [torch.empty_like(o).copy_(torch.randn(o.shape, device=o.device, dtype=o.dtype)) for o in outputs]
+    inputs = case.make_inputs()  # fresh: an implementation may have rotated or overwritten its inputs in place
+    grads_of = case.grad_inputs(inputs)
 
     def forward():
         return fn(*inputs)

@@ -42,6 +42,10 @@ MODEL_EXPLANATIONS = {
 REASON_EXPLANATIONS = {
     "sigmoid-gated": "a sigmoid gate (of an attention output or expert mix, GPT-OSS's clamped alpha-SwiGLU, RWKV's "
                      "receptance, xLSTM's output gate), not an activation the kernels compute.",
+    "view_as_complex": "RoPE on adjacent pairs of columns by complex multiplication (Meta's reference layout): "
+                       "another pairing than rotate_half's halves, for which there is no kernel yet.",
+    "halves the other way round": "rotate_half spelled cat(x2, -x1): the rotation by -theta; exact with sin "
+                                  "negated, which the rewrite does not do.",
 }
 
 

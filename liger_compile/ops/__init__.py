@@ -3,5 +3,6 @@
 from liger_compile.ops._library import LigerOpError
 from liger_compile.ops.glu import gated_activation_packed, geglu, swiglu
 from liger_compile.ops.rms_norm import rms_norm
+from liger_compile.ops.rope import rope, rope_pair
 
-__all__ = ["LigerOpError", "gated_activation_packed", "geglu", "rms_norm", "swiglu"]
+__all__ = ["LigerOpError", "gated_activation_packed", "geglu", "rms_norm", "rope", "rope_pair", "swiglu"]

@@ -1,12 +1,13 @@
 """FX rewrites of Dynamo graphs onto liger ops: one module per op family, plus the pass manager."""
 
-from liger_compile.passes import glu, rms_norm
+from liger_compile.passes import glu, rms_norm, rope
 from liger_compile.passes.manager import Family, NearMiss, PassFailure, PassResult, Rewrite, run_passes
 
 # Every rewrite family, in the order they run.
 FAMILIES: dict[str, Family] = {
     rms_norm.FAMILY: rms_norm.apply,
     glu.FAMILY: glu.apply,
+    rope.FAMILY: rope.apply,
 }
 
 __all__ = ["FAMILIES", "NearMiss", "PassFailure", "PassResult", "Rewrite", "run_passes"]

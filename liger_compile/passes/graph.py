@@ -38,6 +38,8 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "tanh": ("input",),
     "chunk": ("input", "chunks", "dim"),
     "split": ("input", "split_size", "dim"),
+    "neg": ("input",),
+    "cat": ("tensors", "dim"),
 }
 
 _FUNCTIONS: dict[Any, str] = {
@@ -58,6 +60,8 @@ _FUNCTIONS: dict[Any, str] = {
     torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.tanh: "tanh",
     torch.chunk: "chunk", torch.Tensor.chunk: "chunk",
     torch.split: "split", torch.Tensor.split: "split",
+    operator.neg: "neg", torch.neg: "neg", torch.negative: "neg", torch.Tensor.neg: "neg",
+    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
 }
 
 _METHODS: dict[str, str] = {
@@ -65,6 +69,7 @@ _METHODS: dict[str, str] = {
     "square": "square", "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "mean": "mean",
     "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
     "type": "cast", "sigmoid": "sigmoid", "tanh": "tanh", "chunk": "chunk", "split": "split",
+    "neg": "neg", "negative": "neg",
 }
 
 
@@ -98,6 +103,8 @@ def canonical(node: Any) -> Call | None:
     params.update(node.kwargs)
     if op == "split" and "split_size_or_sections" in params:  # torch.split's name for Tensor.split's split_size
         params["split_size"] = params.pop("split_size_or_sections")
+    if op == "cat" and "axis" in params:  # torch.concatenate's name for dim
+        params["dim"] = params.pop("axis")
     if op == "cast" and not _is_pure_cast(node):
         return None
     return Call(op, params)
@@ -233,16 +240,42 @@ class Rewriter:
 
         `args` must be defined before `final` (true for any operand of the matched subgraph).
         """
-        args = tuple(self._replacements.get(a, a) if isinstance(a, fx.Node) else a for a in args)
-        with self.graph.inserting_before(final):
-            new = self.graph.call_function(target, args)
-        for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in final.meta:
-                new.meta[key] = final.meta[key]
-        final.replace_all_uses_with(new)
-        self._replacements[final] = new
+        new = self._call(final, target, args)
+        self._substitute(final, new)
         erase_unused(self.graph, matched)
         return new
+
+    def replace_several(self, finals: Sequence[fx.Node], target: Any, args: Sequence[Any],
+                        matched: Iterable[fx.Node]) -> fx.Node:
+        """Compute the values of `finals` with one call of `target(*args)`, which returns them as a tuple in
+        that order. `args` must be defined before the first of `finals` in the graph."""
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        new = self._call(min(finals, key=order.__getitem__), target, args)
+        new.meta["example_value"] = tuple(final.meta.get("example_value") for final in finals)
+        for index, final in enumerate(finals):
+            with self.graph.inserting_after(new):
+                item = self.graph.call_function(operator.getitem, (new, index))
+            _copy_meta(final, item)
+            self._substitute(final, item)
+        erase_unused(self.graph, matched)
+        return new
+
+    def _call(self, before: fx.Node, target: Any, args: Sequence[Any]) -> fx.Node:
+        args = tuple(self._replacements.get(a, a) if isinstance(a, fx.Node) else a for a in args)
+        with self.graph.inserting_before(before):
+            new = self.graph.call_function(target, args)
+        _copy_meta(before, new)
+        return new
+
+    def _substitute(self, final: fx.Node, new: fx.Node) -> None:
+        final.replace_all_uses_with(new)
+        self._replacements[final] = new
+
+
+def _copy_meta(source: fx.Node, target: fx.Node) -> None:
+    for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in source.meta:
+            target.meta[key] = source.meta[key]
 
 
 def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:

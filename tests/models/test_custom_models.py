@@ -35,18 +35,21 @@ def parity(model_class):
 
 class TestCustomModels(TestCase):
     def test_nanogpt(self):
-        # LayerNorm and an ungated GELU MLP: nothing for the RMSNorm and GLU families
-        self.assertExpectedInline(str(parity(NanoGPT).counts()), """{'rms_norm': 0, 'glu': 0}""")
+        # LayerNorm, an ungated GELU MLP and learned position embeddings: nothing for these families
+        self.assertExpectedInline(str(parity(NanoGPT).counts()), """{'rms_norm': 0, 'glu': 0, 'rope': 0}""")
 
     def test_meta_reference_llama(self):
-        # 2 layers x (attention_norm + ffn_norm) + final norm, all `.type_as(x) * weight`; w2(silu(w1(x)) * w3(x))
+        # 2 layers x (attention_norm + ffn_norm) + final norm, all `.type_as(x) * weight`; w2(silu(w1(x)) * w3(x));
+        # RoPE by complex multiplication (interleaved pairs): reported for xq and xk, not rewritten
         report = parity(MetaLlama)
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
-        self.assertEqual(report.near_misses, [])
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 0}""")
+        self.assertEqual([m.family for m in report.near_misses], ["rope"] * 4)
+        self.assertIn("view_as_complex", report.near_misses[0].reason)
 
     def test_fused_gate_up_llama(self):
-        # 2 layers x (norm_1 + norm_2) + final norm, nn.RMSNorm; one fused gate_up per layer, read whole
+        # 2 layers x (norm_1 + norm_2) + final norm, nn.RMSNorm; one fused gate_up per layer, read whole;
+        # rotate_half RoPE on (B, T, H, D) heads, q and k together
         report = parity(FusedLlama)
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
         self.assertEqual({r.variant for r in report.rewrites if r.family == "glu"}, {"swiglu packed"})
         self.assertEqual(report.near_misses, [])

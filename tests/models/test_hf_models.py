@@ -11,12 +11,12 @@ from tests.helpers import assert_close, compile_and_report, tiny_causal_lm
 
 
 # Config values a tiny vocabulary needs (Phi-3's default pad token id is 32000).
-OVERRIDES = {"phi3": dict(pad_token_id=0)}
+OVERRIDES = {"phi3": dict(pad_token_id=0), "gpt_neox": dict(rotary_pct=0.5)}
 
 
-def train_step_parity(model_type, compiler="aot_eager", checkpointing=False):
+def train_step_parity(model_type, compiler="aot_eager", checkpointing=False, **overrides):
     """One forward+backward of the compiled model against eager: returns the rewrite report."""
-    model = tiny_causal_lm(model_type, **OVERRIDES.get(model_type, {})).to(DEVICE).train()
+    model = tiny_causal_lm(model_type, **{**OVERRIDES.get(model_type, {}), **overrides}).to(DEVICE).train()
     if checkpointing:
         model.gradient_checkpointing_enable()
     reference = copy.deepcopy(model)
@@ -40,42 +40,62 @@ class TestRewriteCounts(TestCase):
     """Expected rewrites per family for 2-layer models (reviewed by hand: see each comment)."""
 
     def test_llama(self):
-        # norms: 2 layers x (input + post-attention) + final; one SwiGLU MLP per layer
+        # norms: 2 layers x (input + post-attention) + final; one SwiGLU MLP and one q+k RoPE per layer
         report = train_step_parity("llama")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
-        self.assertEqual({r.variant for r in report.rewrites}, {"fp32", "swiglu"})
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+        self.assertEqual({r.variant for r in report.rewrites}, {"fp32", "swiglu", "q+k"})
         self.assertIn("model.layers.0.input_layernorm @ modeling_llama.py:", report.rewrites[0].location)
 
     def test_mistral(self):
         # as Llama
         report = train_step_parity("mistral")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
 
     def test_gemma(self):
         # Gemma's (1 + weight) norms: same 5 as Llama; its MLP is GeGLU with gelu_pytorch_tanh
         report = train_step_parity("gemma")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
         self.assertIn("geglu_tanh", {r.variant for r in report.rewrites})
 
     def test_qwen3(self):
         # Llama's 5 plus q_norm and k_norm over head_dim in each layer
         report = train_step_parity("qwen3")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 9, 'glu': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 9, 'glu': 2, 'rope': 2}""")
 
     def test_phi3(self):
         # one fused gate_up projection per layer, split by chunk: read whole by the packed op
         report = train_step_parity("phi3")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
         self.assertIn("swiglu packed", {r.variant for r in report.rewrites})
+
+    def test_qwen2(self):
+        # as Llama (q/k/v projections with bias)
+        report = train_step_parity("qwen2")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+
+    def test_gpt_neox(self):
+        # LayerNorm and a plain GELU MLP: only RoPE, partial (half of head_dim rotated), q and k split from
+        # one fused qkv projection
+        report = train_step_parity("gpt_neox")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 0, 'glu': 0, 'rope': 2}""")
+        self.assertEqual({r.variant for r in report.rewrites}, {"q+k partial"})
+
+    def test_phi3_partial_rotary(self):
+        # Phi-3 with partial_rotary_factor (as Phi-4-mini): the op rotates 3/4 of each head, passes the rest
+        report = train_step_parity("phi3", partial_rotary_factor=0.75)
+        self.assertIn("q+k partial", {r.variant for r in report.rewrites})
+        self.assertEqual(report.counts()["rope"], 2)
 
     def test_llama_with_gradient_checkpointing(self):
         # the per-layer norms and MLPs now sit inside checkpoint bodies (nested graphs): still found
         report = train_step_parity("llama", checkpointing=True)
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Inductor's CPU codegen costs ~30 s a model; the e2e test covers it")
-@pytest.mark.parametrize("model_type", ["llama", "gemma", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "qwen3", "phi3", "gpt_neox"])
 def test_inductor_parity(model_type):
     report = train_step_parity(model_type, compiler="inductor")
-    assert report.counts()["rms_norm"] > 0 and report.counts()["glu"] > 0
+    assert report.counts()["rope"] > 0
+    if model_type != "gpt_neox":  # LayerNorm and a plain GELU MLP
+        assert report.counts()["rms_norm"] > 0 and report.counts()["glu"] > 0
