@@ -22,7 +22,7 @@ from liger_compile.kernels import rope as kernels
 from liger_compile.kernels._launch import can_launch
 from liger_compile.ops._library import check_float_tensor, check_same_device, fail
 
-_MAX_DIMS = 4
+MAX_DIMS = 4
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,8 @@ def transposed_sin(sin: torch.Tensor) -> torch.Tensor:
 def _check(op: str, tensors: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> None:
     for name, t in {**tensors, "cos": cos, "sin": sin}.items():
         check_float_tensor(op, name, t)
-        if not 1 <= t.dim() <= _MAX_DIMS:
-            fail(op, f"{name} must have 1 to {_MAX_DIMS} dims, got shape {tuple(t.shape)}")
+        if not 1 <= t.dim() <= MAX_DIMS:
+            fail(op, f"{name} must have 1 to {MAX_DIMS} dims, got shape {tuple(t.shape)}")
     check_same_device(op, **tensors, cos=cos, sin=sin)
     dtypes = {name: t.dtype for name, t in {**tensors, "cos": cos, "sin": sin}.items()}
     if len(set(dtypes.values())) > 1:
@@ -70,7 +70,7 @@ def _check(op: str, tensors: dict[str, torch.Tensor], cos: torch.Tensor, sin: to
 
 
 def _padded(shape) -> tuple:
-    return (1,) * (_MAX_DIMS - len(shape)) + tuple(shape)
+    return (1,) * (MAX_DIMS - len(shape)) + tuple(shape)
 
 
 def position_sizes(shape, cos_shape) -> tuple:
@@ -98,9 +98,9 @@ def physical_layout(t: torch.Tensor) -> list[int]:
     return sorted(range(t.dim()), key=lambda d: -t.stride(d))
 
 
-def _check_layout(op: str, name: str, layout: list[int], t: torch.Tensor) -> None:
+def _check_layout(op: str, name: str, layout: list[int], tensor_name: str, t: torch.Tensor) -> None:
     if sorted(layout) != list(range(t.dim())):
-        fail(op, f"{name} must be a permutation of {name[:-len('_layout')] or 'dy'}'s {t.dim()} dims, got {layout}")
+        fail(op, f"{name} must be a permutation of {tensor_name}'s {t.dim()} dims, got {layout}")
 
 
 def _rotate(xs, cos, sin, layouts, backward: bool):
@@ -145,7 +145,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 @torch.library.triton_op("liger::rope_backward", mutates_args=())
 def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int]) -> torch.Tensor:
     _check("rope_backward", {"dy": dy}, cos, sin)
-    _check_layout("rope_backward", "layout", layout, dy)
+    _check_layout("rope_backward", "layout", layout, "dy", dy)
     (dx,) = _rotate((dy,), cos, sin, [layout], backward=True)
     return dx
 
@@ -163,8 +163,8 @@ def _rope_pair_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, s
                         q_layout: list[int], k_layout: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     _check("rope_pair_backward", {"dq": dq, "dk": dk}, cos, sin)
     _check_pair_layout("rope_pair_backward", dq, dk, cos)
-    _check_layout("rope_pair_backward", "q_layout", q_layout, dq)
-    _check_layout("rope_pair_backward", "k_layout", k_layout, dk)
+    _check_layout("rope_pair_backward", "q_layout", q_layout, "dq", dq)
+    _check_layout("rope_pair_backward", "k_layout", k_layout, "dk", dk)
     return _rotate((dq, dk), cos, sin, [q_layout, k_layout], backward=True)
 
 

@@ -14,7 +14,6 @@ feed only it; anything else is left alone and, when it looks like a gated activa
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +29,8 @@ from liger_compile.passes.graph import (
     dtype_of,
     number,
     only_user,
+    last_dim_half,
     other_operand,
-    reduced_dims,
     same_shape,
     scalar_and_tensor,
     tensor_meta,
@@ -183,25 +182,11 @@ def _check_sigmoid_gate(x, y) -> None:
 
 
 def _packed_source(a: fx.Node, b: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """(t, split nodes) when a and b are the first and second halves of t's last dim, by chunk or split."""
-    if not all(isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
-               for n in (a, b)):
+    """(t, split nodes) when a and b are the first and second halves of t's last dim, by one chunk or split."""
+    first, second = last_dim_half(a), last_dim_half(b)
+    if first is None or second is None:
         return None
-    (split, first), (split_b, second) = a.args, b.args
-    call = canonical(split)
-    if split is not split_b or (first, second) != (0, 1) or call is None or call.op not in ("chunk", "split"):
+    (source, first_index, (_, split)), (_, second_index, (_, split_b)) = first, second
+    if split is not split_b or (first_index, second_index) != (0, 1):
         return None
-    source = tensor_meta(call["input"])
-    if source is None or source.dim() == 0:
-        return None
-    if reduced_dims(call.get("dim", 0), source.dim()) != (source.dim() - 1,):
-        return None
-    width = source.shape[-1]
-    if not isinstance(width, int) or width % 2:
-        return None
-    if call.op == "chunk":
-        halves = call.get("chunks") == 2
-    else:
-        sizes = call.get("split_size")
-        halves = sizes == width // 2 or (isinstance(sizes, (list, tuple)) and list(sizes) == [width // 2] * 2)
-    return (call["input"], [a, b, split]) if halves else None
+    return source, [a, b, split]

@@ -286,6 +286,31 @@ def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
             graph.erase_node(node)
 
 
+def last_dim_half(node: Any) -> tuple[fx.Node, int, list[fx.Node]] | None:
+    """(t, i, [node, split]) when `node` is half i (0 or 1) of t's last dim taken as ``chunk(t, 2, -1)[i]``,
+    ``split(t, d // 2, -1)[i]`` or ``split(t, [d // 2, d // 2], -1)[i]`` (d, t's last dim, even and static)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    split, index = node.args
+    call = canonical(split)
+    if call is None or call.op not in ("chunk", "split") or index not in (0, 1):
+        return None
+    source = tensor_meta(call["input"])
+    if source is None or source.dim() == 0:
+        return None
+    if reduced_dims(call.get("dim", 0), source.dim()) != (source.dim() - 1,):
+        return None
+    width = source.shape[-1]
+    if not isinstance(width, int) or width % 2:
+        return None
+    if call.op == "chunk":
+        halves = call.get("chunks") == 2
+    else:
+        sizes = call.get("split_size")
+        halves = sizes == width // 2 or (isinstance(sizes, (list, tuple)) and list(sizes) == [width // 2] * 2)
+    return (call["input"], index, [node, split]) if halves else None
+
+
 def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Shapes provably equal, also for symbolic sizes (never adds a guard)."""
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))

@@ -23,12 +23,13 @@ import torch
 from torch import fx
 
 from liger_compile.ops._library import FLOAT_DTYPES
-from liger_compile.ops.rope import position_sizes
+from liger_compile.ops.rope import MAX_DIMS, position_sizes
 from liger_compile.passes.graph import (
     InexactMatch,
     Rewriter,
     canonical,
     find_matches,
+    last_dim_half,
     only_user,
     reduced_dims,
     same_shape,
@@ -39,7 +40,6 @@ from liger_compile.passes.manager import Recorder
 FAMILY = "rope"
 _TARGET = torch.ops.liger.rope.default
 _PAIR_TARGET = torch.ops.liger.rope_pair.default
-_MAX_DIMS = 4
 
 
 @dataclass
@@ -177,19 +177,7 @@ def _half_of(node) -> tuple[fx.Node, int, list[fx.Node]] | None:
         if bounds == (width // 2, width):
             return source, 1, [node]
         return None
-    split = canonical(source)  # chunk(x, 2, -1)[i] / split(x, d // 2, -1)[i]
-    if split is None or split.op not in ("chunk", "split") or index not in (0, 1):
-        return None
-    x_meta = tensor_meta(split["input"])
-    if x_meta is None or x_meta.dim() == 0 or not isinstance(x_meta.shape[-1], int) or x_meta.shape[-1] % 2:
-        return None
-    if reduced_dims(split.get("dim", 0), x_meta.dim()) != (x_meta.dim() - 1,):
-        return None
-    half = x_meta.shape[-1] // 2
-    sizes = split.get("chunks") if split.op == "chunk" else split.get("split_size")
-    if not (sizes == (2 if split.op == "chunk" else half) or (split.op == "split" and list(sizes) == [half] * 2)):
-        return None
-    return split["input"], index, [node, source]
+    return last_dim_half(node)
 
 
 def _last_dim_slice(index, shape) -> tuple[int, int] | None:
@@ -224,8 +212,8 @@ def _check_exact(final: fx.Node, x: fx.Node, cos: fx.Node, sin: fx.Node, nodes: 
     if len(dtypes) > 1 or x_meta.dtype not in FLOAT_DTYPES:
         raise InexactMatch(f"dtypes differ or are not supported: x {x_meta.dtype}, cos {cos_meta.dtype}, "
                            f"sin {sin_meta.dtype}, result {metas['result'].dtype}")
-    if x_meta.dim() > _MAX_DIMS or cos_meta.dim() > x_meta.dim():
-        raise InexactMatch(f"x has {x_meta.dim()} dims and cos {cos_meta.dim()}: the op takes at most {_MAX_DIMS}")
+    if x_meta.dim() > MAX_DIMS or cos_meta.dim() > x_meta.dim():
+        raise InexactMatch(f"x has {x_meta.dim()} dims and cos {cos_meta.dim()}: the op takes at most {MAX_DIMS}")
     if not same_shape(cos_meta.shape, sin_meta.shape):
         raise InexactMatch(f"cos {tuple(cos_meta.shape)} and sin {tuple(sin_meta.shape)} differ in shape")
     if not same_shape(metas["result"].shape, x_meta.shape) or not _broadcasts_into(cos_meta.shape, x_meta.shape):

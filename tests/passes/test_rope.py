@@ -171,11 +171,20 @@ def test_complex_form_is_reported():
     assert "view_as_complex" in report.near_misses[0].reason
 
 
+def quarters_rotated(q, k, cos, sin, unsqueeze_dim):
+    """The first two quarters of q rotated into each other: split(x, d // 4) pieces, not halves."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim)[..., :HEAD_DIM // 2], sin.unsqueeze(unsqueeze_dim)[..., :HEAD_DIM // 2]
+    pieces = q.split(HEAD_DIM // 4, dim=-1)
+    rotated = q[..., :HEAD_DIM // 2] * cos + torch.cat((-pieces[1], pieces[0]), dim=-1) * sin
+    return torch.cat((rotated, q[..., HEAD_DIM // 2:]), dim=-1), k
+
+
 @pytest.mark.parametrize("apply", [
+    quarters_rotated,
     rotate_every_two,
     both(lambda x: torch.cat((-x[..., HEAD_DIM // 2 + 1:], x[..., :HEAD_DIM // 2 + 1]), dim=-1)),  # uneven halves
     lambda q, k, cos, sin, d: (q * cos.unsqueeze(d) + rotate_half(k.repeat(1, 2, 1, 1)) * sin.unsqueeze(d), k),
-], ids=["rotate_every_two", "uneven_halves", "another_tensor_rotated"])
+], ids=["split_in_quarters", "rotate_every_two", "uneven_halves", "another_tensor_rotated"])
 def test_other_sums_are_not_matched(apply):
     report = check_rewrite(RotaryAttentionInputs(apply), 0)
     assert report.near_misses == []
