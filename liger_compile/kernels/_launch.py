@@ -26,7 +26,12 @@ def can_launch(tensor: torch.Tensor) -> bool:
     which Inductor compiles for the CPU."""
     if tensor.is_cuda:
         return True
-    return INTERPRETING and tensor.device.type == "cpu" and not isinstance(tensor, (FakeTensor, FunctionalTensor))
+    return INTERPRETING and tensor.device.type == "cpu" and not is_traced(tensor)
+
+
+def is_traced(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a stand-in torch.compile traces with, whose values cannot be read."""
+    return isinstance(tensor, (FakeTensor, FunctionalTensor))
 
 
 def traceable(kernel):

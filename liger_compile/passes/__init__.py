@@ -1,6 +1,6 @@
 """FX rewrites of Dynamo graphs onto liger ops: one module per op family, plus the pass manager."""
 
-from liger_compile.passes import glu, rms_norm, rope
+from liger_compile.passes import cross_entropy, glu, rms_norm, rope
 from liger_compile.passes.manager import Family, NearMiss, PassFailure, PassResult, Rewrite, run_passes
 
 # Every rewrite family, in the order they run.
@@ -8,6 +8,7 @@ FAMILIES: dict[str, Family] = {
     rms_norm.FAMILY: rms_norm.apply,
     glu.FAMILY: glu.apply,
     rope.FAMILY: rope.apply,
+    cross_entropy.FAMILY: cross_entropy.apply,
 }
 
 __all__ = ["FAMILIES", "NearMiss", "PassFailure", "PassResult", "Rewrite", "run_passes"]

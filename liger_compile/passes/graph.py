@@ -40,6 +40,10 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "split": ("input", "split_size", "dim"),
     "neg": ("input",),
     "cat": ("tensors", "dim"),
+    "contiguous": ("input",),
+    "linear": ("input", "weight", "bias"),
+    "cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+                      "label_smoothing"),
 }
 
 _FUNCTIONS: dict[Any, str] = {
@@ -62,6 +66,9 @@ _FUNCTIONS: dict[Any, str] = {
     torch.split: "split", torch.Tensor.split: "split",
     operator.neg: "neg", torch.neg: "neg", torch.negative: "neg", torch.Tensor.neg: "neg",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+    torch.Tensor.contiguous: "contiguous",
+    F.linear: "linear",
+    F.cross_entropy: "cross_entropy",
 }
 
 _METHODS: dict[str, str] = {
@@ -69,7 +76,7 @@ _METHODS: dict[str, str] = {
     "square": "square", "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "mean": "mean",
     "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
     "type": "cast", "sigmoid": "sigmoid", "tanh": "tanh", "chunk": "chunk", "split": "split",
-    "neg": "neg", "negative": "neg",
+    "neg": "neg", "negative": "neg", "contiguous": "contiguous",
 }
 
 
