@@ -8,7 +8,7 @@ launch-bound and shows each implementation's host overhead); peak memory allocat
 forward+backward (outputs and gradients included, as ../shared/anchors.md counts it); achieved bandwidth over
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
-    python benchmarks/bench_ops.py [--op rms_norm] [--op glu] [--op rope] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--op rms_norm] [--op glu] [--op rope] [--op cross_entropy] [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -229,7 +229,45 @@ def rope_cases(quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases, "rope": rope_cases}
+def hf_causal_lm_cross_entropy(logits, target):
+    """transformers' ForCausalLMLoss on already shifted, flattened labels: upcast, then F.cross_entropy."""
+    return F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="mean")
+
+
+def cross_entropy_cases(quick: bool) -> list[Case]:
+    """Llama-3's vocabulary over 8192 rows, 1 label in 7 ignored (padding, prompts)."""
+    sizes = [(8192, 128256)] if quick else [(8192, 128256), (4096, 262144), (8192, 32000)]
+    cases = []
+    for rows, vocab in sizes:
+        def make_inputs(rows=rows, vocab=vocab):
+            torch.manual_seed(0)
+            logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            target = torch.randint(0, vocab, (rows,), device="cuda")
+            target[::7] = -100
+            return logits, target
+
+        def impls():
+            found = {
+                "eager": hf_causal_lm_cross_entropy,
+                "inductor": torch.compile(hf_causal_lm_cross_entropy, dynamic=False),
+                "liger-compile op": lambda logits, target: torch.ops.liger.cross_entropy(logits, target),
+                "liger-compile backend": torch.compile(hf_causal_lm_cross_entropy, backend="liger", dynamic=False),
+            }
+            function = _liger_kernel_function("LigerCrossEntropyFunction")
+            if function is not None:  # note: writes the logits' gradient over the logits in forward
+                def liger_kernel(logits, target):
+                    out = function.apply(logits, target, None, -100)
+                    return out[0] if isinstance(out, tuple) else out
+                found["liger-kernel"] = liger_kernel
+            return found
+
+        # forward reads the logits; backward reads them again and writes their gradient
+        cases.append(Case("cross_entropy", f"{rows}x{vocab} bf16", make_inputs, lambda i: [i[0]],
+                          3 * rows * vocab * 2, impls))
+    return cases
+
+
+CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------

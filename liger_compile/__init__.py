@@ -6,7 +6,7 @@
     print(liger_compile.explain(model, *inputs))        # what is rewritten, where, and what is not
 """
 
-from liger_compile import ops
+from liger_compile import nn, ops
 from liger_compile.backend import liger_backend
 from liger_compile.config import Config
 from liger_compile.optimize import explain, optimize
@@ -15,4 +15,4 @@ from liger_compile.report import Report
 backend = liger_backend
 
 __version__ = "0.1.0"
-__all__ = ["Config", "Report", "backend", "explain", "liger_backend", "ops", "optimize"]
+__all__ = ["Config", "Report", "backend", "explain", "liger_backend", "nn", "ops", "optimize"]

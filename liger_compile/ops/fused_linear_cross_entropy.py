@@ -114,6 +114,8 @@ def _forward(
     if reduction != "none" and any(needs):
         scales = row_scales(torch.ones((), device=hidden.device), hidden.shape[0], reduction, target,
                             class_weight, ignore_index)
+    else:
+        needs = (False, False, False)
     rows, z_rows, *grads = _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
                                     lse_square_scale, softcap, chunk_rows, scales, needs)
     weight_total, count = denominators(target, class_weight, ignore_index)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from expecttest import TestCase
 
+import liger_compile
+from liger_compile.report import collect
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, compile_and_report, tiny_causal_lm
 
@@ -40,45 +42,47 @@ class TestRewriteCounts(TestCase):
     """Expected rewrites per family for 2-layer models (reviewed by hand: see each comment)."""
 
     def test_llama(self):
-        # norms: 2 layers x (input + post-attention) + final; one SwiGLU MLP and one q+k RoPE per layer
+        # norms: 2 layers x (input + post-attention) + final; one SwiGLU MLP and one q+k RoPE per layer; the
+        # loss, on logits the model also returns (optimize() drops them to fuse the lm_head)
         report = train_step_parity("llama")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
-        self.assertEqual({r.variant for r in report.rewrites}, {"fp32", "swiglu", "q+k"})
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
+        self.assertEqual({r.variant for r in report.rewrites},
+                         {"fp32", "swiglu", "q+k", "logits (the logits are also used elsewhere, e.g. returned)"})
         self.assertIn("model.layers.0.input_layernorm @ modeling_llama.py:", report.rewrites[0].location)
 
     def test_mistral(self):
         # as Llama
         report = train_step_parity("mistral")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
 
     def test_gemma(self):
         # Gemma's (1 + weight) norms: same 5 as Llama; its MLP is GeGLU with gelu_pytorch_tanh
         report = train_step_parity("gemma")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
         self.assertIn("geglu_tanh", {r.variant for r in report.rewrites})
 
     def test_qwen3(self):
         # Llama's 5 plus q_norm and k_norm over head_dim in each layer
         report = train_step_parity("qwen3")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 9, 'glu': 2, 'rope': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 9, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
 
     def test_phi3(self):
         # one fused gate_up projection per layer, split by chunk: read whole by the packed op
         report = train_step_parity("phi3")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
         self.assertIn("swiglu packed", {r.variant for r in report.rewrites})
 
     def test_qwen2(self):
         # as Llama (q/k/v projections with bias)
         report = train_step_parity("qwen2")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
 
     def test_gpt_neox(self):
         # LayerNorm and a plain GELU MLP: only RoPE, partial (half of head_dim rotated), q and k split from
         # one fused qkv projection
         report = train_step_parity("gpt_neox")
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 0, 'glu': 0, 'rope': 2}""")
-        self.assertEqual({r.variant for r in report.rewrites}, {"q+k partial"})
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 0, 'glu': 0, 'rope': 2, 'cross_entropy': 1}""")
+        self.assertEqual({r.variant for r in report.rewrites if r.family == "rope"}, {"q+k partial"})
 
     def test_phi3_partial_rotary(self):
         # Phi-3 with partial_rotary_factor (as Phi-4-mini): the op rotates 3/4 of each head, passes the rest
@@ -89,7 +93,7 @@ class TestRewriteCounts(TestCase):
     def test_llama_with_gradient_checkpointing(self):
         # the per-layer norms and MLPs now sit inside checkpoint bodies (nested graphs): still found
         report = train_step_parity("llama", checkpointing=True)
-        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2}""")
+        self.assertExpectedInline(str(report.counts()), """{'rms_norm': 5, 'glu': 2, 'rope': 2, 'cross_entropy': 1}""")
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Inductor's CPU codegen costs ~30 s a model; the e2e test covers it")
@@ -99,3 +103,27 @@ def test_inductor_parity(model_type):
     assert report.counts()["rope"] > 0
     if model_type != "gpt_neox":  # LayerNorm and a plain GELU MLP
         assert report.counts()["rms_norm"] > 0 and report.counts()["glu"] > 0
+
+
+@pytest.mark.parametrize("model_type,variant", [("llama", "fused linear"), ("gemma2", "fused linear softcap"),
+                                                ("qwen2", "fused linear")])
+def test_optimize_fuses_lm_head_and_loss_in_training(model_type, variant):
+    """optimize() drops the training logits, so the lm_head and the loss fuse; eval mode keeps them."""
+    model = tiny_causal_lm(model_type).to(DEVICE).train()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    compiled = liger_compile.optimize(model, compiler="aot_eager")
+    with collect() as report:
+        output = compiled(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(25, device=DEVICE))
+    output.loss.backward()
+    expected = reference(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(25, device=DEVICE))
+    expected.loss.backward()
+    assert output.logits is None
+    assert [r.variant for r in report.rewrites if r.family == "cross_entropy"] == [variant]
+    assert_close(output.loss, expected.loss)
+    for param, ref_param in zip(model.parameters(), reference.parameters()):
+        assert_close(param.grad, ref_param.grad, rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        evaluated = compiled(input_ids=ids, labels=ids)
+    assert_close(evaluated.logits, reference.eval()(input_ids=ids).logits)
