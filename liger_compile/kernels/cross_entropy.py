@@ -78,7 +78,7 @@ def _cross_entropy_kernel(
         return
 
     target_weight = 1.0
-    weight_sum = n_cols.to(tl.float32)
+    weight_sum = n_cols * 1.0
     if HAS_WEIGHT:
         target_weight = tl.load(CLASS_WEIGHT + tl.where(valid, target, 0)).to(tl.float32)
         weight_sum = tl.load(CLASS_WEIGHT_SUM).to(tl.float32)

@@ -67,7 +67,9 @@ def test_stats_then_grad_match_reference(rows, cols, dtype, options):
 
     in_place = logits.clone()
     loss2, _, _ = run_kernel(in_place, target, weight, "stats_and_grad", g=g, h=h, grad=in_place, **options)
-    assert torch.equal(loss2, loss) and torch.equal(in_place, grad)
+    # one pass or two: the same math (compilers may contract it into FMAs differently)
+    assert_close(loss2, loss, torch.float32, rtol=1e-6, atol=1e-6)
+    assert_close(in_place, grad, dtype, rtol=1e-5 if dtype == torch.float32 else None, atol=1e-7)
 
 
 def test_extreme_logits_stay_finite():
