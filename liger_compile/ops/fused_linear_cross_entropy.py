@@ -165,6 +165,7 @@ def _setup_context(ctx, inputs, output):
      softcap, chunk_rows, *needs) = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.precomputed = reduction != "none"
+    ctx.scaled = False
     if ctx.precomputed:
         ctx.save_for_backward(*output[2:])
     else:
@@ -175,7 +176,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, *_unused):
     needs = ctx.needs_input_grad[:3]
     if ctx.precomputed:
-        grads = [grad * dloss if need else None for grad, need in zip(ctx.saved_tensors, needs)]
+        # Scaled in place: the gradients belong to this node alone, and a copy of the weight's would cost as
+        # much memory as the weight (compiled, Inductor reuses the saved buffer all the same).
+        if ctx.scaled:
+            fail(_OP, "backward ran twice through one loss (retain_graph=True); the gradients computed in "
+                      "forward are scaled in place by the first")
+        ctx.scaled = True
+        grads = [grad.mul_(dloss) if need else None for grad, need in zip(ctx.saved_tensors, needs)]
     else:
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
         grads = torch.ops.liger.fused_linear_cross_entropy_backward(

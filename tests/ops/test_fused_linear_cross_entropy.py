@@ -103,3 +103,11 @@ def test_nn_modules_match_their_torch_counterparts(op_path):
     assert_close(liger_compile.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, target), expected)
     fused = liger_compile.nn.FusedLinearCrossEntropyLoss(label_smoothing=0.1, chunk_rows=16)
     assert_close(fused(hidden.view(1, ROWS, HIDDEN), weight, target.view(1, ROWS), b), expected)
+
+
+def test_a_second_backward_through_one_loss_is_refused(op_path):
+    hidden, weight, _, target = make_inputs(torch.float32)
+    loss = fused_linear_cross_entropy(hidden, weight, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(LigerOpError, match="backward ran twice"):
+        loss.backward()
