@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from liger_compile.kernels._launch import is_traced
 from liger_compile.ops._library import check_float_tensor, check_same_device, fail
 from liger_compile.ops.cross_entropy import (
     check_options,
@@ -94,6 +95,7 @@ def _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smo
                 grad_weight.addmm_(dlogits.t(), hidden_chunk)
         if needs[2]:
             grad_bias += dlogits.sum(0, dtype=torch.float32)
+        del logits, dlogits  # before the next chunk's logits are allocated: one chunk alive at a time
     grad_bias = grad_bias.to(hidden.dtype) if grad_bias is not None else hidden.new_empty(0)
     return rows, z_rows, grad_hidden, grad_weight, grad_bias
 
@@ -164,6 +166,8 @@ def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
      softcap, chunk_rows, *needs) = inputs
     ctx.mark_non_differentiable(*output[1:])
+    # No zero cotangents for the outputs other than the loss: for the gradients, they would be weight-sized.
+    ctx.set_materialize_grads(False)
     ctx.precomputed = reduction != "none"
     ctx.scaled = False
     if ctx.precomputed:
@@ -175,14 +179,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dloss, *_unused):
     needs = ctx.needs_input_grad[:3]
+    if dloss is None:  # the loss itself was not used
+        return (None,) * 14
     if ctx.precomputed:
-        # Scaled in place: the gradients belong to this node alone, and a copy of the weight's would cost as
-        # much memory as the weight (compiled, Inductor reuses the saved buffer all the same).
+        # Eagerly, scaled in place: the gradients belong to this node alone, and a copy of the weight's would
+        # cost as much memory as the weight. Traced, out of place (functional), and Inductor then reuses the
+        # saved buffer, which backward donates.
         if ctx.scaled:
             fail(_OP, "backward ran twice through one loss (retain_graph=True); the gradients computed in "
                       "forward are scaled in place by the first")
         ctx.scaled = True
-        grads = [grad.mul_(dloss) if need else None for grad, need in zip(ctx.saved_tensors, needs)]
+        grads = [None if not need else grad * dloss if is_traced(grad) else grad.mul_(dloss)
+                 for grad, need in zip(ctx.saved_tensors, needs)]
     else:
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
         grads = torch.ops.liger.fused_linear_cross_entropy_backward(
