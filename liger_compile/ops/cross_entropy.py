@@ -44,9 +44,9 @@ def check_options(op: str, reduction: str, label_smoothing: float, lse_square_sc
         fail(op, f"softcap must be a finite number > 0 (or None), got {softcap}")
 
 
-def check_target(op: str, target: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int,
+def check_target(op: str, target: torch.Tensor, n_rows: int, n_classes: int,
                  class_weight: torch.Tensor | None) -> None:
-    """Shape and dtype of the labels and class weights; the label values too when that needs no device sync."""
+    """Shape and dtype of the labels and class weights."""
     if target.dtype not in (torch.int64, torch.int32):
         fail(op, f"target must hold class indices as int64 or int32, got {target.dtype} "
                  "(class probabilities are not supported)")
@@ -56,6 +56,12 @@ def check_target(op: str, target: torch.Tensor, n_rows: int, n_classes: int, ign
         check_float_tensor(op, "weight", class_weight)
         if class_weight.shape != (n_classes,):
             fail(op, f"weight must have shape ({n_classes},), one per class, got {tuple(class_weight.shape)}")
+
+
+def check_label_values(op: str, target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Labels in [0, n_classes) or ignore_index. Reading them syncs the device, so only the Python functions
+    and modules check (the ops, and compiled graphs, give a NaN loss row instead), and not while a CUDA graph
+    is being captured."""
     if is_traced(target) or (target.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     out_of_range = (target != ignore_index) & ((target < 0) | (target >= n_classes))
@@ -70,7 +76,7 @@ def _check_inputs(logits, target, weight, ignore_index, reduction, label_smoothi
         fail(_OP, f"logits must be 2-D (rows, classes) with at least one class, got shape {tuple(logits.shape)}")
     check_same_device(_OP, logits=logits, target=target, weight=weight)
     check_options(_OP, reduction, label_smoothing, lse_square_scale, softcap)
-    check_target(_OP, target, logits.shape[0], logits.shape[1], ignore_index, weight)
+    check_target(_OP, target, logits.shape[0], logits.shape[1], weight)
 
 
 def denominators(target: torch.Tensor, class_weight: torch.Tensor | None,
@@ -278,8 +284,10 @@ def cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``F.cross_entropy`` on (N, V) logits, computed in fp32 (the loss is fp32); differentiable in `logits`.
 
-    With `return_z_loss`, also the z-loss included in the loss (not differentiable: for logging).
+    With `return_z_loss`, also the z-loss included in the loss (not differentiable: for logging). Labels out of
+    range raise `LigerOpError` (a device sync; the op itself gives a NaN loss row).
     """
+    check_label_values(_OP, target, logits.shape[-1], ignore_index)
     loss, z_loss, _lse = torch.ops.liger.cross_entropy_forward(
         logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
     return (loss, z_loss) if return_z_loss else loss

@@ -28,6 +28,7 @@ import torch
 from liger_compile.kernels._launch import is_traced
 from liger_compile.ops._library import check_float_tensor, check_same_device, fail
 from liger_compile.ops.cross_entropy import (
+    check_label_values,
     check_options,
     check_target,
     denominators,
@@ -62,7 +63,7 @@ def _check_inputs(hidden, weight, bias, target, class_weight, ignore_index, redu
     if len(dtypes) > 1:
         fail(_OP, f"hidden, weight and bias must have one dtype (as F.linear needs), got {sorted(map(str, dtypes))}")
     check_options(_OP, reduction, label_smoothing, lse_square_scale, softcap)
-    check_target(_OP, target, hidden.shape[0], weight.shape[0], ignore_index, class_weight)
+    check_target(_OP, target, hidden.shape[0], weight.shape[0], class_weight)
 
 
 def _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, lse_square_scale,
@@ -243,7 +244,9 @@ def fused_linear_cross_entropy(
     return_z_loss: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising the logits; differentiable in
-    hidden, weight and bias. With `return_z_loss`, also the z-loss included in the loss (for logging)."""
+    hidden, weight and bias. With `return_z_loss`, also the z-loss included in the loss (for logging). Labels out
+    of range raise `LigerOpError` (a device sync; the op itself gives a NaN loss row)."""
+    check_label_values(_OP, target, weight.shape[0], ignore_index)
     loss, z_loss, *_grads = _forward_with_needs(hidden, weight, bias, target, class_weight, ignore_index, reduction,
                                                 label_smoothing, lse_square_scale, softcap, chunk_rows)
     return (loss, z_loss) if return_z_loss else loss
