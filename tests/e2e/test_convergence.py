@@ -16,10 +16,12 @@ from tests.models.architectures import VOCAB, build
 
 MODELS = ["llama", "qwen3", "gemma2", "mixtral", "phi3", "gpt_neox"]
 STEPS, BATCH, SEQ, TOP_K = 32, 4, 32, 5
-# (per-step loss rtol, final weights relative error, held-out top-k log-prob atol). In bf16, AdamW turns the
-# rounding noise of tiny gradients into lr-sized steps, so final weights drift apart by a few percent even when
-# every op rounds as eager does.
-TOLERANCES = {torch.float32: (1e-4, 1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2, 5e-2)}
+# (per-step loss rtol, final weights relative error, held-out top-k log-prob atol). AdamW turns the rounding
+# noise of gradients that are zero in exact arithmetic (GPT-NeoX's key bias: softmax ignores a per-query
+# constant) into lr-sized steps, which any change in rounding order (the cross-entropy's, in fp32) makes differ:
+# 6e-4 of that bias after 32 steps, every other parameter within 1e-5. In bf16 the same holds for tiny
+# gradients, so final weights drift apart by a few percent even when every op rounds as eager does.
+TOLERANCES = {torch.float32: (1e-4, 1e-3, 1e-3), torch.bfloat16: (2e-2, 5e-2, 5e-2)}
 
 
 def train(model, forward, dtype):
