@@ -272,7 +272,7 @@ CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases, "rope": rope_cases, "cros
 
 # --- measuring ------------------------------------------------------------------------------------------
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
@@ -318,7 +318,7 @@ def measure(case: Case, name: str, fn: Callable, reference: tuple[torch.Tensor, 
 
     step()
     results = tuple(o.detach() for o in outputs) + tuple(t.grad for t in grads_of)
-    rel_error = 0.0 if reference is None else max(_relative_error(a, b) for a, b in zip(results, reference))
+    rel_error = 0.0 if reference is None else max(relative_error(a, b) for a, b in zip(results, reference))
     fwd, fwd_bwd = gpu_ms(forward), gpu_ms(step)
     launched = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
 

@@ -32,6 +32,7 @@ from liger_compile.kernels._math import round_to
 STATS: tl.constexpr = tl.constexpr(0)
 GRAD: tl.constexpr = tl.constexpr(1)
 STATS_AND_GRAD: tl.constexpr = tl.constexpr(2)
+_MODES = {"stats": STATS, "grad": GRAD, "stats_and_grad": STATS_AND_GRAD}
 
 # Columns per step and warps, from benchmarks/tune_cross_entropy.py on an H100.
 BLOCK_V = 4096
@@ -154,7 +155,6 @@ def cross_entropy_rows(
     does both (grad may be `logits` itself). g and h scale each row's loss and z-loss gradient: (N,) fp32, or
     one value expanded to (N,) (stride 0).
     """
-    modes = {"stats": 0, "grad": 1, "stats_and_grad": 2}
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -166,6 +166,6 @@ def cross_entropy_rows(
         loss if loss is not None else dummy, z if z is not None else dummy, lse if lse is not None else dummy,
         scale, h if h is not None else dummy, scale.stride(0) if g is not None else 0,
         n_cols, ignore_index, label_smoothing, z_scale, softcap if softcap is not None else 1.0,
-        MODE=modes[mode], HAS_WEIGHT=class_weight is not None, HAS_SOFTCAP=softcap is not None,
+        MODE=_MODES[mode].value, HAS_WEIGHT=class_weight is not None, HAS_SOFTCAP=softcap is not None,
         BLOCK=min(BLOCK_V, triton.next_power_of_2(n_cols)), num_warps=NUM_WARPS,
     )

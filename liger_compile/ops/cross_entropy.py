@@ -114,15 +114,18 @@ def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
+def _reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, softcap):
+    """(``F.cross_entropy`` of the softcapped fp32 logits with `reduction`, per-row logsumexp, 0 where ignored)."""
+    x = softcapped(logits, softcap).float()
+    loss = F.cross_entropy(x, target.long(), weight=None if weight is None else weight.float(),
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    return loss, torch.where(target != ignore_index, torch.logsumexp(x, -1), 0.0)
+
+
 def cross_entropy_reference(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
                             softcap) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The PyTorch definition: (loss including z-loss, z-loss, per-row logsumexp), fp32."""
-    x = softcapped(logits, softcap).float()
-    class_weight = None if weight is None else weight.float()
-    ce = F.cross_entropy(x, target.long(), weight=class_weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
-    valid = target != ignore_index
-    lse = torch.where(valid, torch.logsumexp(x, -1), 0.0)
+    ce, lse = _reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, softcap)
     z = reduce_rows(lse_square_scale * lse * lse, reduction, denominators(target, weight, ignore_index)[1])
     return ce + z, z, lse
 
@@ -134,13 +137,14 @@ def cross_entropy_backward_reference(g, h, logits, target, weight, lse, ignore_i
     valid = target != ignore_index
     x = softcapped(logits, softcap).float()
     class_weight = torch.ones(n_classes, device=x.device) if weight is None else weight.float()
-    target_weight = class_weight.gather(0, torch.where(valid, target, 0).long())
+    safe_target = torch.where(valid, target, 0).long()
+    target_weight = class_weight.gather(0, safe_target)
     smoothing = label_smoothing / n_classes
     probability = torch.exp(x - lse[:, None])
     coefficient = g * (target_weight * (1 - label_smoothing) + smoothing * class_weight.sum())
     coefficient = coefficient + 2 * h * lse_square_scale * lse
     grad = probability * coefficient[:, None] - g[:, None] * smoothing * class_weight
-    grad = grad - F.one_hot(torch.where(valid, target, 0).long(), n_classes) * (
+    grad = grad - F.one_hot(safe_target, n_classes) * (
         g * target_weight * (1 - label_smoothing))[:, None]
     if softcap is not None:
         grad = grad * (1 - torch.tanh(logits / softcap).float() ** 2)
@@ -174,10 +178,7 @@ def loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     caller owns, with the gradient of ``sum(g * loss + h * z)`` in the same pass.
     """
     if not can_launch(logits):
-        x = softcapped(logits, softcap).float()
-        rows = F.cross_entropy(x, target.long(), weight=None if weight is None else weight.float(),
-                               ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-        lse = torch.where(target != ignore_index, torch.logsumexp(x, -1), 0.0)
+        rows, lse = _reference_cross_entropy(logits, target, weight, ignore_index, "none", label_smoothing, softcap)
         if g is not None:
             logits.copy_(cross_entropy_backward_reference(g, h, logits, target, weight, lse, ignore_index,
                                                           label_smoothing, lse_square_scale, softcap))

@@ -143,10 +143,11 @@ def _absorb_producers(match: _Match, logits: fx.Node) -> None:
     node, user = logits, match.loss
     merged_rows = cast = False
     while True:
-        if only_user(node) is not user or not isinstance(node, fx.Node):
+        if not isinstance(node, fx.Node) or only_user(node) is not user:
             match.why_not_fused = "the logits are also used elsewhere, e.g. returned"
             break
         call = canonical(node)
+        softcap = _softcap(node) if match.softcap is None else None
         step = None
         if call is not None and call.op == "contiguous":
             step = call["input"]
@@ -156,8 +157,8 @@ def _absorb_producers(match: _Match, logits: fx.Node) -> None:
             step, match.row_select = node.args[0], node.args[1]
         elif call is not None and call.op == "cast" and not cast and match.softcap is None and _upcast(node):
             step, cast = call["input"], True
-        elif _softcap(node) is not None and match.softcap is None:
-            step, match.softcap, (tanh, division) = _softcap(node)
+        elif softcap is not None:
+            step, match.softcap, (tanh, division) = softcap
             match.nodes.extend([node, tanh])
             node = division  # the softcap's first node: what `step` must feed alone
         elif call is not None and call.op == "linear":
