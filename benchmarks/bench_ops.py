@@ -8,7 +8,8 @@ launch-bound and shows each implementation's host overhead); peak memory allocat
 forward+backward (outputs and gradients included, as ../shared/anchors.md counts it); achieved bandwidth over
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
-    python benchmarks/bench_ops.py [--op rms_norm] [--op glu] [--op rope] [--op cross_entropy] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--op rms_norm] [--op layer_norm] [--op glu] [--op rope] [--op cross_entropy]
+        [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -66,11 +67,15 @@ def hf_rms_norm(x, weight, eps=1e-6):
     return weight * h.to(dtype)
 
 
+def norm_sizes(quick: bool) -> list[tuple[int, int]]:
+    """(rows, hidden) of the norm benchmarks: Llama-3-8B's, then a hidden-size sweep of the same total size."""
+    sweep = [(16384 * 4096 // hidden, hidden) for hidden in (1024, 2048, 8192, 16384)]
+    return [(16384, 4096)] + ([] if quick else sweep)
+
+
 def rms_norm_cases(quick: bool) -> list[Case]:
-    sizes = [(16384, 4096)] if quick else [(16384, 4096)] + [(16384 * 4096 // h, h) for h in
-                                                            (1024, 2048, 8192, 16384)]
     cases = []
-    for rows, hidden in sizes:
+    for rows, hidden in norm_sizes(quick):
         def make_inputs(rows=rows, hidden=hidden):
             torch.manual_seed(0)
             x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -90,6 +95,37 @@ def rms_norm_cases(quick: bool) -> list[Case]:
             return found
 
         cases.append(Case("rms_norm", f"{rows}x{hidden} bf16", make_inputs, lambda i: list(i),
+                          5 * rows * hidden * 2, impls))
+    return cases
+
+
+# --- LayerNorm ------------------------------------------------------------------------------------------
+
+def layer_norm_cases(quick: bool) -> list[Case]:
+    cases = []
+    for rows, hidden in norm_sizes(quick):
+        def make_inputs(rows=rows, hidden=hidden):
+            torch.manual_seed(0)
+            x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            bias = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            return x, weight, bias
+
+        def impls(hidden=hidden):
+            def eager(x, w, b):  # nn.LayerNorm's forward
+                return F.layer_norm(x, (hidden,), w, b, 1e-5)
+
+            found = {
+                "eager": eager,
+                "inductor": torch.compile(eager, dynamic=False),
+                "liger-compile op": lambda x, w, b: torch.ops.liger.layer_norm(x, w, b, 1e-5),
+                "liger-compile backend": torch.compile(eager, backend="liger", dynamic=False),
+            }
+            if liger_kernel_ops is not None:
+                found["liger-kernel"] = lambda x, w, b: liger_kernel_ops.LigerLayerNormFunction.apply(x, w, b, 1e-5)
+            return found
+
+        cases.append(Case("layer_norm", f"{rows}x{hidden} bf16", make_inputs, lambda i: list(i),
                           5 * rows * hidden * 2, impls))
     return cases
 
@@ -267,7 +303,8 @@ def cross_entropy_cases(quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"rms_norm": rms_norm_cases, "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases}
+CASES = {"rms_norm": rms_norm_cases, "layer_norm": layer_norm_cases, "glu": glu_cases, "rope": rope_cases,
+         "cross_entropy": cross_entropy_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------

@@ -35,11 +35,7 @@ from tests.models.architectures import (  # noqa: E402
 
 # Why a near-miss left in the table is right to be left: by model type where the reason alone does not say,
 # else by a phrase of the reason.
-MODEL_EXPLANATIONS = {
-    "cohere": "Cohere's LayerNorm subtracts the mean: LayerNorm without bias, for the layer_norm family.",
-    "cohere2": "as cohere",
-    "cohere2_moe": "as cohere",
-}
+MODEL_EXPLANATIONS: dict[str, str] = {}
 REASON_EXPLANATIONS = {
     "sigmoid-gated": "a sigmoid gate (of an attention output or expert mix, GPT-OSS's clamped alpha-SwiGLU, RWKV's "
                      "receptance, xLSTM's output gate), not an activation the kernels compute.",

@@ -66,7 +66,8 @@ class Report:
             lines.append(f"  {family:<16}{count:>10}{near[family]:>13}")
         if self.rewrites:
             lines.append("rewrites:")
-            lines += [f"  {r.family:<16}{r.variant:<16}{r.location}" for r in self.rewrites]
+            width = max(16, *(len(r.variant) + 2 for r in self.rewrites))
+            lines += [f"  {r.family:<16}{r.variant:<{width}}{r.location}" for r in self.rewrites]
         if self.near_misses:
             lines.append("left alone (near-misses):")
             lines += [f"  {m.family:<16}{m.location}: {m.reason}" for m in self.near_misses]

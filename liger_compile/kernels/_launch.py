@@ -63,14 +63,16 @@ class RowTile:
     single_pass: bool  # the whole row fits in one tile, so the kernel can keep it in registers
 
 
-def row_tile(n_cols: int, *, max_block_n: int, tile_elements: int, elements_per_thread: int) -> RowTile:
+def row_tile(n_cols: int, *, max_block_n: int, tile_elements: int, elements_per_thread: int,
+             max_warps: int = 32) -> RowTile:
     """Tile for a kernel that reduces along the rows (of `n_cols` elements) of a matrix.
 
     The tile does not depend on the number of rows, so a graph compiled for dynamic shapes gets no guard on
     it. `elements_per_thread` sets the warps: enough elements per thread for 16-byte loads, few enough to
-    stay in registers (32 warps is the hardware limit per program).
+    stay in registers (32 warps is the hardware limit per program; fewer warps leave each thread more
+    registers, `max_warps` caps them).
     """
     block_n = min(triton.next_power_of_2(n_cols), max_block_n)
     block_m = max(1, tile_elements // block_n)
-    num_warps = max(1, min(32, (block_m * block_n) // (32 * elements_per_thread)))
+    num_warps = max(1, min(max_warps, (block_m * block_n) // (32 * elements_per_thread)))
     return RowTile(block_m, block_n, num_warps, single_pass=n_cols <= block_n)

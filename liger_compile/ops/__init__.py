@@ -4,7 +4,8 @@ from liger_compile.ops._library import LigerOpError
 from liger_compile.ops.cross_entropy import cross_entropy
 from liger_compile.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from liger_compile.ops.glu import gated_activation_packed, geglu, swiglu
+from liger_compile.ops.layer_norm import layer_norm
 from liger_compile.ops.rms_norm import rms_norm
 from liger_compile.ops.rope import rope, rope_pair
 
-__all__ = ["LigerOpError", "cross_entropy", "fused_linear_cross_entropy", "gated_activation_packed", "geglu", "rms_norm", "rope", "rope_pair", "swiglu"]
+__all__ = ["LigerOpError", "cross_entropy", "fused_linear_cross_entropy", "gated_activation_packed", "geglu", "layer_norm", "rms_norm", "rope", "rope_pair", "swiglu"]

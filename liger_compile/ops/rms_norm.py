@@ -2,7 +2,7 @@
 
 ``torch.ops.liger.rms_norm(x, weight, eps, offset=0.0, casting_mode="llama")`` normalises over the last dim:
 ``rstd = rsqrt(mean(x**2, -1) + eps)``, then scales by ``offset + weight`` (if a weight is given) with the
-rounding of one of three casting modes (see `liger_compile.kernels.rms_norm`):
+rounding of one of three casting modes (see `liger_compile.kernels.norm`):
 
 =========  ========================================================  ==============================
 mode       computation                                                output dtype
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from liger_compile.kernels import rms_norm as kernels
+from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
 from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
 
@@ -109,8 +109,9 @@ def _rms_norm_forward(
         return rms_norm_reference(x, weight, eps, offset, casting_mode)
     out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
     w = None if weight is None else weight.contiguous()
-    y, rstd = kernels.rms_norm_forward(as_rows(x), w, eps, offset, casting_mode, out_dtype)
-    return y.view(x.shape), rstd.view(x.shape[:-1])
+    # outputs allocated in x's shape, not views of 2-D ones: autograd forbids in-place ops on views returned
+    # by a multi-output function, and models do write into a norm's output
+    return kernels.rms_norm_forward(as_rows(x), w, eps, offset, casting_mode, out_dtype, shape=x.shape)
 
 
 @torch.library.triton_op("liger::rms_norm_backward", mutates_args=())
@@ -128,8 +129,7 @@ def _rms_norm_backward(
     if can_launch(x):
         w = None if weight is None else weight.contiguous()
         dx, dw = kernels.rms_norm_backward(as_rows(dy), as_rows(x), w, rstd.contiguous().view(-1), offset,
-                                           casting_mode, compute_dw)
-        dx = dx.view(x.shape)
+                                           casting_mode, compute_dw, shape=x.shape)
     else:
         dx, dw = rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, compute_dw)
         dx = dx.contiguous()

@@ -37,6 +37,16 @@ from liger_compile.passes.graph import (
     scalar_and_tensor,
     tensor_meta,
 )
+from liger_compile.passes._norm import (
+    cast_to,
+    check_weight,
+    inverse_root,
+    normalized,
+    not_constant,
+    same_value,
+    squared,
+    upcast_source,
+)
 from liger_compile.passes.manager import Recorder
 
 FAMILY = "rms_norm"
@@ -71,11 +81,6 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
         rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared)
 
 
-def _not_constant(what: str, operand) -> str:
-    if isinstance(operand, fx.Node) and isinstance(operand.meta.get("example_value"), torch.SymFloat):
-        return (f"{what} is a float Dynamo made dynamic (after recompiling with another value), not a constant; "
-                "torch._dynamo.config.specialize_float = True keeps it constant")
-    return f"{what} is not a constant"
 
 
 # --- torch.rms_norm / F.rms_norm / nn.RMSNorm -------------------------------------------------------------
@@ -106,9 +111,9 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
     eps_operand = call.get("eps")
     eps = torch.finfo(torch.float32).eps if eps_operand is None else number(eps_operand)
     if eps is None:
-        raise InexactMatch(_not_constant("eps", eps_operand))
+        raise InexactMatch(not_constant("eps", eps_operand))
     if weight is not None:
-        _check_weight(weight, x_meta)
+        check_weight(weight, x_meta)
     if not _torch_rms_norm_is_gemma_mode():
         raise InexactMatch(f"torch {torch.__version__} rounds rms_norm differently from the kernel's modes")
     return _Match(node, x, weight, eps, 0.0, "gemma", "torch.rms_norm", [node])
@@ -116,95 +121,27 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
 
 # --- the arithmetic spellings -----------------------------------------------------------------------------
 
-def _squared(arg) -> fx.Node | None:
-    """z when `arg` is z**2, z*z or square(z)."""
-    call = canonical(arg)
-    if call is None:
-        return None
-    z = call["input"]
-    if not isinstance(z, fx.Node):
-        return None
-    if (call.op == "pow" and number(call["exponent"]) == 2.0) or call.op == "square":
-        return z
-    if call.op == "mul" and call["other"] is z:
-        return z
-    return None
 
 
 def _normalizes(operand, z: fx.Node, product: fx.Node) -> bool:
     """Whether `product` (operand * inverse root, or operand / root) normalises the value `z` was squared from:
     `operand` is `z`, the same cast of its source, or the source itself when the product is computed in
     `z`'s dtype and `z` is an exact cast of it (type promotion then widens the source exactly as `z` did)."""
-    return _same_value(operand, z) or (
-        operand is _upcast_source(z, dtype_of(z)) and dtype_of(product) == dtype_of(z))
+    return same_value(operand, z) or (
+        operand is upcast_source(z, dtype_of(z)) and dtype_of(product) == dtype_of(z))
 
 
-def _same_value(a, b) -> bool:
-    """a and b are one node, or the same cast of one node (two ``x.float()`` calls)."""
-    if a is b:
-        return True
-    ca, cb = canonical(a), canonical(b)
-    return (
-        ca is not None and cb is not None and ca.op == cb.op == "cast"
-        and ca["input"] is cb["input"] and dtype_of(a) == dtype_of(b)
-    )
 
 
-def _inverse_root(mean_sq: fx.Node):
-    """Follow mean(z**2) through ``+ eps`` to its inverse square root.
-
-    Returns (root, eps, chain) where `root` is an rsqrt-like node (or the sqrt a division will use) and
-    `chain` the nodes after `mean_sq` up to it; None if the mean square does not feed a square root.
-    """
-    node, call = only_user(mean_sq), canonical(only_user(mean_sq))
-    eps, chain = None, []
-    if call is not None and call.op == "add" and call.get("alpha", 1) == 1:
-        eps_operand = other_operand(call, mean_sq)
-        eps = number(eps_operand)
-        if eps is None:
-            raise InexactMatch(_not_constant("eps added to the mean square", eps_operand))
-        chain.append(node)
-        node = only_user(node)
-        call = canonical(node)
-    if call is None or call.op not in ("rsqrt", "sqrt", "pow"):
-        return None
-    if call.op == "pow" and number(call["exponent"]) != -0.5:
-        return None
-    chain.append(node)
-    if call.op == "sqrt":
-        after = canonical(only_user(node))
-        if eps is None and after is not None and after.op == "add":
-            raise InexactMatch("eps is added outside the square root")
-    if eps is None:
-        raise InexactMatch("no eps is added inside the square root")
-    return node, eps, chain
 
 
-def _normalized(root: fx.Node, z: fx.Node, chain: list[fx.Node]):
-    """The node computing z * root (or z / root for a sqrt), and the chain through it; None if absent."""
-    node, call = only_user(root), canonical(only_user(root))
-    if call is None:
-        return None
-    if canonical(root).op == "sqrt":
-        if call.op == "div" and call["other"] is root and _normalizes(call["input"], z, node):
-            return node, chain + [node]
-        if not (call.op == "reciprocal" or (call.op == "div" and number(call["input"]) == 1.0)):
-            return None
-        chain = chain + [node]
-        node, call = only_user(node), canonical(only_user(node))
-        root = chain[-1]
-    if call is None or call.op != "mul":
-        return None
-    if not _normalizes(other_operand(call, root), z, node):
-        raise InexactMatch("the tensor normalised is not the one whose mean square was taken")
-    return node, chain + [node]
 
 
 def _match_arithmetic(mean_sq: fx.Node, call: Call) -> _Match | None:
-    z = _squared(call["input"])
+    z = squared(call["input"])
     if z is None:
         return None
-    found = _inverse_root(mean_sq)
+    found = inverse_root(mean_sq, "the mean square")
     if found is None:
         return None
     root, eps, chain = found
@@ -219,7 +156,8 @@ def _match_arithmetic(mean_sq: fx.Node, call: Call) -> _Match | None:
         raise InexactMatch("mean without keepdim=True does not broadcast over the last dim")
     if call.get("dtype") is not None:
         raise InexactMatch("mean with a dtype argument casts inside the statistic")
-    found = _normalized(root, z, chain)
+    found = normalized(root, chain, lambda operand, product: _normalizes(operand, z, product),
+                       "the tensor normalised is not the one whose mean square was taken")
     if found is None:
         return None
     h, chain = found
@@ -229,25 +167,13 @@ def _match_arithmetic(mean_sq: fx.Node, call: Call) -> _Match | None:
     return _extend(h, z, z_meta, eps, statistic)
 
 
-def _upcast_source(z: fx.Node, dtype: torch.dtype) -> fx.Node | None:
-    """The tensor `z` was cast from, when the kernel can take it as input: an upcast to fp32 or a no-op cast."""
-    call = canonical(z)
-    if call is None or call.op != "cast":
-        return None
-    source_dtype = dtype_of(call["input"])
-    if source_dtype in FLOAT_DTYPES and (dtype == torch.float32 or source_dtype == dtype):
-        return call["input"]
-    return None
 
 
-def _cast_to(node: fx.Node | None, dtype: torch.dtype) -> bool:
-    call = canonical(node)
-    return call is not None and call.op == "cast" and dtype_of(node) == dtype
 
 
 def _extend(h: fx.Node, z: fx.Node, z_meta: torch.Tensor, eps: float, nodes: list[fx.Node]) -> _Match:
     """Grow the match from the normalised value `h` through the casts and weight multiply that follow."""
-    source = _upcast_source(z, z_meta.dtype)
+    source = upcast_source(z, z_meta.dtype)
     x = source if source is not None else z
     x_dtype, compute_dtype = dtype_of(x), z_meta.dtype
     upcast = [z] if source is not None else []
@@ -264,7 +190,7 @@ def _extend(h: fx.Node, z: fx.Node, z_meta: torch.Tensor, eps: float, nodes: lis
 
     if x_dtype == torch.float32:  # fp32 throughout: every mode computes the same; no-op casts are absorbed
         final = h
-        while _cast_to(only_user(final), torch.float32):
+        while cast_to(only_user(final), torch.float32):
             nodes, final = nodes + [final], only_user(final)
         weighted = _weight_multiply(final, z_meta, result_dtype=torch.float32)
         if weighted is None:
@@ -273,7 +199,7 @@ def _extend(h: fx.Node, z: fx.Node, z_meta: torch.Tensor, eps: float, nodes: lis
         return match(mul, "llama", "fp32", weight=weight, offset=offset, extra=(final, *extra))
 
     after = only_user(h)
-    if _cast_to(after, x_dtype):  # Llama: round the normalised value, then multiply by the weight
+    if cast_to(after, x_dtype):  # Llama: round the normalised value, then multiply by the weight
         weighted = _weight_multiply(after, z_meta, result_dtype=None)
         if weighted is None:
             return match(after, "llama", "llama", extra=(h,))
@@ -283,7 +209,7 @@ def _extend(h: fx.Node, z: fx.Node, z_meta: torch.Tensor, eps: float, nodes: lis
     if weighted is not None:
         mul, weight, offset, extra = weighted
         cast = only_user(mul)
-        if _cast_to(cast, x_dtype):  # Gemma: multiply in fp32, round once at the end
+        if cast_to(cast, x_dtype):  # Gemma: multiply in fp32, round once at the end
             return match(cast, "gemma", "gemma", weight=weight, offset=offset, extra=(h, mul, *extra))
         # Result stays fp32: the op takes the fp32 tensor, so its modes coincide.
         return match(mul, "llama", "fp32", x=z, weight=weight, offset=offset, extra=(h, *extra))
@@ -308,7 +234,7 @@ def _weight_multiply(normalized: fx.Node, z_meta: torch.Tensor, *, result_dtype,
     if offset_plus_weight is not None and dtype_of(offset_plus_weight[1]) == dtype_of(factor):
         offset, weight = offset_plus_weight
         absorbed = [factor]
-    _check_weight(weight, z_meta)
+    check_weight(weight, z_meta)
     w_dtype = dtype_of(weight)
     if weight_dtype is not None and w_dtype != weight_dtype:
         return None
@@ -317,15 +243,3 @@ def _weight_multiply(normalized: fx.Node, z_meta: torch.Tensor, *, result_dtype,
         return None
     return mul, weight, offset, absorbed
 
-
-def _check_weight(weight: fx.Node, x_meta: torch.Tensor) -> None:
-    meta = tensor_meta(weight)
-    if meta is None:
-        raise InexactMatch("weight has no tensor metadata")
-    if not same_shape(meta.shape, x_meta.shape[-1:]):
-        raise InexactMatch(f"multiplied by a tensor of shape {tuple(meta.shape)}, not a weight over the last dim "
-                        f"({x_meta.shape[-1]})")
-    if meta.dtype not in FLOAT_DTYPES:
-        raise InexactMatch(f"weight dtype {meta.dtype} is not supported")
-    if meta.device != x_meta.device:
-        raise InexactMatch(f"weight is on {meta.device}, input on {x_meta.device}")

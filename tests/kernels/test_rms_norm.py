@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from liger_compile.kernels import rms_norm as kernels
+from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
 from liger_compile.ops.rms_norm import output_dtype, rms_norm_backward_reference, rms_norm_reference
 from tests.conftest import DEVICE

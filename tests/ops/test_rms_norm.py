@@ -159,3 +159,13 @@ def test_tensors_on_different_devices_are_refused():
     other = "cpu" if DEVICE == "cuda" else "meta"
     with pytest.raises(LigerOpError, match="liger::rms_norm: all tensors must be on one device"):
         torch.ops.liger.rms_norm(torch.ones(2, 8, device=DEVICE), torch.ones(8, device=other), 1e-6)
+
+
+def test_output_can_be_modified_in_place(op_path):
+    """Models write into a norm's output: it must not be a view (autograd forbids in-place ops on those)."""
+    x, weight = make_inputs((2, 3, 16), torch.float32)
+    y = torch.ops.liger.rms_norm(x, weight, 1e-6)
+    y.mul_(2.0)
+    y.sum().backward()
+    _, dx_ref, _ = eager_grads(x, weight, 1e-6, 0.0, "llama", torch.full_like(y, 2.0))
+    assert_close(x.grad, dx_ref)
