@@ -8,8 +8,8 @@ launch-bound and shows each implementation's host overhead); peak memory allocat
 forward+backward (outputs and gradients included, as ../shared/anchors.md counts it); achieved bandwidth over
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
-    python benchmarks/bench_ops.py [--op rms_norm] [--op layer_norm] [--op glu] [--op rope] [--op cross_entropy]
-        [--quick] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--op rms_norm] [--op add_rms_norm] [--op layer_norm] [--op glu] [--op rope]
+        [--op cross_entropy] [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -96,6 +96,36 @@ def rms_norm_cases(quick: bool) -> list[Case]:
 
         cases.append(Case("rms_norm", f"{rows}x{hidden} bf16", make_inputs, lambda i: list(i),
                           5 * rows * hidden * 2, impls))
+    return cases
+
+
+def add_rms_norm_cases(quick: bool) -> list[Case]:
+    """A pre-norm block's residual sum and its next norm: h = x + residual, y = norm(h), both returned."""
+    cases = []
+    for rows, hidden in norm_sizes(quick):
+        def make_inputs(rows=rows, hidden=hidden):
+            torch.manual_seed(0)
+            x, residual = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(2))
+            weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            return x, residual, weight
+
+        def eager(x, residual, weight):
+            h = x + residual
+            return hf_rms_norm(h, weight), h
+
+        def impls():
+            return {
+                "eager": eager,
+                "inductor": torch.compile(eager, dynamic=False),
+                "liger-compile op": lambda x, r, w: torch.ops.liger.add_rms_norm(x, r, w, 1e-6),
+                "liger-compile backend": torch.compile(eager, backend="liger", dynamic=False,
+                                                       options={"residual_norm": True}),
+                "liger-compile backend, unfused": torch.compile(eager, backend="liger", dynamic=False),
+            }
+
+        cases.append(Case("add_rms_norm", f"{rows}x{hidden} bf16", make_inputs, lambda i: list(i),
+                          8 * rows * hidden * 2, impls))  # x, r, dy, dh read; y, h, dx written; h read again
     return cases
 
 
@@ -303,8 +333,8 @@ def cross_entropy_cases(quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"rms_norm": rms_norm_cases, "layer_norm": layer_norm_cases, "glu": glu_cases, "rope": rope_cases,
-         "cross_entropy": cross_entropy_cases}
+CASES = {"rms_norm": rms_norm_cases, "add_rms_norm": add_rms_norm_cases, "layer_norm": layer_norm_cases,
+         "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from liger_compile.config import OFF_BY_DEFAULT  # noqa: E402
 from liger_compile.passes import FAMILIES  # noqa: E402
 from tests.models.architectures import (  # noqa: E402
     GRAD_TOLERANCE, LOSS_TOLERANCE, SATURATED_LOSS, Unbuildable, build, check, expectation, step_inputs,
@@ -102,7 +103,8 @@ def markdown(rows: list[dict]) -> str:
     ]
     for family in FAMILIES:
         rewritten = sum(1 for r in ok if r["counts"].get(family))
-        lines.append(f"- `{family}` rewritten in {rewritten} of them.")
+        off = " (off by default)" if family in OFF_BY_DEFAULT else ""
+        lines.append(f"- `{family}` rewritten in {rewritten} of them{off}.")
     failed = [r for r in rows if r["status"] == "failed"]
     lines.append(f"- {len(rows) - len(ok) - len(failed)} cannot be built tiny offline (listed below with the "
                  f"reason); {len(failed)} fail.")

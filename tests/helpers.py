@@ -53,8 +53,8 @@ def assert_relative_error(actual: torch.Tensor, expected: torch.Tensor, toleranc
     assert error <= tolerance, f"relative error {error:.3g} > {tolerance:.3g}"
 
 
-def check_rewrite(module, x, family: str, expected_rewrites: int):
-    """Compile `module` with the backend (aot_eager) on input `x`: check that `family` rewrote
+def check_rewrite(module, x, family: str, expected_rewrites: int, **options):
+    """Compile `module` with the backend (aot_eager, and `options`) on input `x`: check that `family` rewrote
     `expected_rewrites` places, and the output and every gradient against eager. Returns the report."""
     from tests.conftest import DEVICE
 
@@ -67,7 +67,7 @@ def check_rewrite(module, x, family: str, expected_rewrites: int):
     expected_grads = [x_ref.grad] + [p.grad for p in module.parameters()]
     module.zero_grad(set_to_none=True)
 
-    actual, report = compile_and_report(module, x)
+    actual, report = compile_and_report(module, x, **options)
     actual.backward(cotangent)
 
     assert not report.failures, str(report)  # a pass that raised falls back silently but for a warning

@@ -93,28 +93,44 @@ def _store_normalized(centered, Y_rows, W, B, cols, mask, col_mask, rstd, offset
 
 
 @triton.jit
+def _load_input(X_rows, R, H, rows64, stride_r, stride_h, cols, mask, X_DTYPE: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr):
+    """A tile of the normalised input in fp32: x, or h = x + residual rounded to x's dtype as eager's add
+    rounds it (stored to H when STORE_SUM)."""
+    x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = round_to(x + r, X_DTYPE)
+        if STORE_SUM:
+            tl.store(H + rows64 * stride_h + cols[None, :], x.to(X_DTYPE), mask=mask)
+    return x
+
+
+@triton.jit
 def _norm_forward_kernel(
-    X, W, B, Y, MEAN, RSTD,
-    n_rows, n_cols, stride_x, stride_y,
+    X, R, W, B, Y, H, MEAN, RSTD,
+    n_rows, n_cols, stride_x, stride_r, stride_y,
     eps, offset,
-    CENTERED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    CENTERED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
+    # With a residual the kernel normalises h = x + residual and also writes h (contiguous, like Y).
     X_DTYPE: tl.constexpr = X.dtype.element_ty
     # Inductor may pass Python floats as fp64 (config._use_fp64_for_unbacked_floats): keep the math in fp32.
     eps = tl.cast(eps, tl.float32)
     offset = tl.cast(offset, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    X_rows = X + rows[:, None].to(tl.int64) * stride_x
-    Y_rows = Y + rows[:, None].to(tl.int64) * stride_y
+    rows64 = rows[:, None].to(tl.int64)
+    X_rows = X + rows64 * stride_x
+    Y_rows = Y + rows64 * stride_y
     cols = tl.arange(0, BLOCK_N)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     if SINGLE_PASS:
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_input(X_rows, R, H, rows64, stride_r, stride_y, cols, mask, X_DTYPE, HAS_RESIDUAL, True)
         if CENTERED:
             mean = tl.sum(x, axis=1) / n_cols
             x = tl.where(mask, x - mean[:, None], 0.0)
@@ -128,7 +144,8 @@ def _norm_forward_kernel(
         for start in range(0, n_cols, BLOCK_N):
             block_cols = start + cols
             mask = row_mask[:, None] & (block_cols < n_cols)[None, :]
-            x = tl.load(X_rows + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_input(X_rows, R, H, rows64, stride_r, stride_y, block_cols, mask, X_DTYPE, HAS_RESIDUAL,
+                            True)
             if CENTERED:
                 seen = start * 1.0
                 count = tl.sum((block_cols < n_cols).to(tl.float32), axis=0)
@@ -145,7 +162,9 @@ def _norm_forward_kernel(
             block_cols = start + cols
             col_mask = block_cols < n_cols
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(X_rows + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            # h again from x and the residual: reading back H would need a barrier between the passes
+            x = _load_input(X_rows, R, H, rows64, stride_r, stride_y, block_cols, mask, X_DTYPE, HAS_RESIDUAL,
+                            False)
             if CENTERED:
                 x = x - mean[:, None]
             _store_normalized(x, Y_rows, W, B, block_cols, mask, col_mask, rstd, offset, X_DTYPE, HAS_WEIGHT,
@@ -174,20 +193,26 @@ def _backward_block(DY_rows, X_rows, cols, mask, mean, rstd, w_eff,
 
 
 @triton.jit
-def _input_gradient(xhat, dxhat, mean_dot, mean_dxhat, rstd, CENTERED: tl.constexpr):
-    """dx = rstd * (dxhat - xhat * mean(dxhat * xhat) [- mean(dxhat) for LayerNorm])."""
+def _store_input_gradient(DX_rows, DH, rows64, stride_dh, cols, mask, xhat, dxhat, mean_dot, mean_dxhat, rstd,
+                          CENTERED: tl.constexpr, HAS_DH: tl.constexpr):
+    """dx = rstd * (dxhat - xhat * mean(dxhat * xhat) [- mean(dxhat) for LayerNorm]) [+ dh, the gradient h
+    gets from its other uses, when the input was x + residual]."""
     dx = dxhat - xhat * mean_dot[:, None]
     if CENTERED:
         dx = dx - mean_dxhat[:, None]
-    return dx * rstd[:, None]
+    dx = dx * rstd[:, None]
+    if HAS_DH:
+        dx += tl.load(DH + rows64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX_rows + cols[None, :], dx.to(DX_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_backward_kernel(
-    DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
-    n_rows, n_cols, stride_dy, stride_x, stride_dx,
+    DY, X, W, MEAN, RSTD, DH, DX, DW_PARTIAL, DB_PARTIAL,
+    n_rows, n_cols, stride_dy, stride_x, stride_dh, stride_dx,
     offset,
-    CENTERED: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    CENTERED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -219,8 +244,8 @@ def _norm_backward_kernel(
                 db_acc += dy
             mean_dot = tl.sum(dxhat * xhat, axis=1) / n_cols
             mean_dxhat = tl.sum(dxhat, axis=1) / n_cols if CENTERED else mean_dot
-            dx = _input_gradient(xhat, dxhat, mean_dot, mean_dxhat, rstd, CENTERED)
-            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            _store_input_gradient(DX + rows64 * stride_dx, DH, rows64, stride_dh, cols, mask, xhat, dxhat, mean_dot,
+                                  mean_dxhat, rstd, CENTERED, HAS_DH)
         if COMPUTE_DW:
             tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
         if COMPUTE_DB:
@@ -255,8 +280,8 @@ def _norm_backward_kernel(
                 w_eff = _weight_factor(W, block_cols, col_mask, offset) if HAS_WEIGHT else 0.0
                 xhat, dxhat, dy, dw = _backward_block(DY_rows, X_rows, block_cols, mask, mean, rstd, w_eff,
                                                       CENTERED, HAS_WEIGHT, MODE)
-                dx = _input_gradient(xhat, dxhat, mean_dot, mean_dxhat, rstd, CENTERED)
-                tl.store(DX + rows64 * stride_dx + block_cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                _store_input_gradient(DX + rows64 * stride_dx, DH, rows64, stride_dh, block_cols, mask, xhat,
+                                      dxhat, mean_dot, mean_dxhat, rstd, CENTERED, HAS_DH)
                 if COMPUTE_DW:
                     _accumulate(DW_PARTIAL + pid.to(tl.int64) * n_cols + block_cols, col_mask, dw)
                 if COMPUTE_DB:
@@ -270,32 +295,34 @@ def _accumulate(PARTIAL_cols, col_mask, values):
     tl.store(PARTIAL_cols, partial + tl.sum(values, axis=0), mask=col_mask)
 
 
-def _forward(x, weight, bias, eps, offset, casting_mode, out_dtype, centered, max_block_n, shape):
-    """(y, mean or None, rstd) for a 2-D `x` with unit column stride; `max_block_n` None means MAX_BLOCK_N,
-    read at each launch (as every launch parameter here, so that benchmarks/tune_norm.py can set them)."""
+def _forward(x, residual, weight, bias, eps, offset, casting_mode, out_dtype, centered, max_block_n, shape):
+    """(y, h = x + residual or None, mean or None, rstd) for 2-D `x` and `residual` with unit column stride;
+    `max_block_n` None means MAX_BLOCK_N, read at each launch (as every launch parameter here, so that
+    benchmarks/tune_norm.py can set them)."""
     n_rows, n_cols = x.shape[0], int(x.shape[1])  # block sizes derive from hidden: specialise it if symbolic
     shape = tuple(shape or x.shape)
     y = torch.empty(shape, dtype=out_dtype, device=x.device)  # contiguous: rows n_cols apart
+    h = None if residual is None else torch.empty(shape, dtype=x.dtype, device=x.device)  # as y
     rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     mean = torch.empty(shape[:-1], dtype=torch.float32, device=x.device) if centered else None
     if n_rows == 0:  # an empty grid is not a valid launch
-        return y, mean, rstd
+        return y, h, mean, rstd
     tile = row_tile(n_cols, max_block_n=max_block_n or MAX_BLOCK_N, tile_elements=FORWARD_TILE_ELEMENTS,
                     elements_per_thread=FORWARD_ELEMENTS_PER_THREAD, max_warps=MAX_WARPS)
     traceable(_norm_forward_kernel)[(triton.cdiv(n_rows, tile.block_m),)](
-        x, weight, bias, y, mean, rstd,
-        n_rows, n_cols, x.stride(0), n_cols,
+        x, residual, weight, bias, y, h, mean, rstd,
+        n_rows, n_cols, x.stride(0), 0 if residual is None else residual.stride(0), n_cols,
         eps, offset,
-        CENTERED=centered, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        MODE=CASTING_MODES.index(casting_mode),
+        CENTERED=centered, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, MODE=CASTING_MODES.index(casting_mode),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_PASS=tile.single_pass,
         num_warps=tile.num_warps,
     )
-    return y, mean, rstd
+    return y, h, mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd, offset, casting_mode, compute_dw, compute_db, max_block_n, shape):
-    """(dx, dW partial rows or None, dB partial rows or None) for 2-D unit-stride inputs."""
+def _backward(dy, x, weight, mean, rstd, dh, offset, casting_mode, compute_dw, compute_db, max_block_n, shape):
+    """(dx [+ dh], dW partial rows or None, dB partial rows or None) for 2-D unit-stride inputs."""
     n_rows, n_cols = x.shape[0], int(x.shape[1])  # block sizes derive from hidden: specialise it if symbolic
     dx = torch.empty(tuple(shape or x.shape), dtype=x.dtype, device=x.device)  # contiguous: rows n_cols apart
     tile = row_tile(n_cols, max_block_n=max_block_n or MAX_BLOCK_N, tile_elements=BACKWARD_TILE_ELEMENTS,
@@ -310,10 +337,11 @@ def _backward(dy, x, weight, mean, rstd, offset, casting_mode, compute_dw, compu
 
     dw_partial, db_partial = partial_rows(compute_dw), partial_rows(compute_db)
     traceable(_norm_backward_kernel)[(programs,)](
-        dy, x, weight, mean, rstd, dx, dw_partial, db_partial,
-        n_rows, n_cols, dy.stride(0), x.stride(0), n_cols,
+        dy, x, weight, mean, rstd, dh, dx, dw_partial, db_partial,
+        n_rows, n_cols, dy.stride(0), x.stride(0), 0 if dh is None else dh.stride(0), n_cols,
         offset,
-        CENTERED=mean is not None, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        CENTERED=mean is not None, HAS_WEIGHT=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=compute_dw,
+        COMPUTE_DB=compute_db,
         MODE=CASTING_MODES.index(casting_mode),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SINGLE_PASS=tile.single_pass, NUM_STAGES=stages,
         num_warps=tile.num_warps,
@@ -338,7 +366,7 @@ def rms_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (rows, hidden) in `out_dtype` and rstd (rows,) in fp32 for a 2-D `x` with unit column stride; with
     `shape`, y has that shape and rstd shape[:-1] (the caller's leading dims: outputs are not views)."""
-    y, _, rstd = _forward(x, weight, None, eps, offset, casting_mode, out_dtype, False, max_block_n, shape)
+    y, _, _, rstd = _forward(x, None, weight, None, eps, offset, casting_mode, out_dtype, False, max_block_n, shape)
     return y, rstd
 
 
@@ -351,14 +379,15 @@ def rms_norm_backward(
     casting_mode: str,
     compute_dw: bool,
     *,
+    dh: torch.Tensor | None = None,
     max_block_n: int | None = None,
     shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dx like `x` (or of `shape`), and dW in the weight's dtype when `compute_dw` (else None), for 2-D
-    unit-stride inputs."""
+    unit-stride inputs. With `dh` (2-D like x), dx + dh: the gradient of both operands of h = x + residual."""
     compute_dw = compute_dw and weight is not None
-    dx, dw_partial, _ = _backward(dy, x, weight, None, rstd, offset, casting_mode, compute_dw, False, max_block_n,
-                                  shape)
+    dx, dw_partial, _ = _backward(dy, x, weight, None, rstd, dh, offset, casting_mode, compute_dw, False,
+                                  max_block_n, shape)
     return dx, _summed(dw_partial, weight)
 
 
@@ -373,7 +402,8 @@ def layer_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y like `x`, and mean and rstd (rows,) in fp32, for a 2-D `x` with unit column stride (with `shape`: y
     of that shape, the statistics of shape[:-1])."""
-    return _forward(x, weight, bias, eps, 0.0, "gemma", x.dtype, True, max_block_n, shape)
+    y, _, mean, rstd = _forward(x, None, weight, bias, eps, 0.0, "gemma", x.dtype, True, max_block_n, shape)
+    return y, mean, rstd
 
 
 def layer_norm_backward(
@@ -385,12 +415,34 @@ def layer_norm_backward(
     compute_dw: bool,
     compute_db: bool,
     *,
+    dh: torch.Tensor | None = None,
     max_block_n: int | None = None,
     shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """dx like `x` (or of `shape`), dW like the weight when `compute_dw` and dB in fp32 when `compute_db`
-    (else None)."""
+    (else None). With `dh`, dx + dh, as `rms_norm_backward`."""
     compute_dw = compute_dw and weight is not None
-    dx, dw_partial, db_partial = _backward(dy, x, weight, mean, rstd, 0.0, "gemma", compute_dw, compute_db,
+    dx, dw_partial, db_partial = _backward(dy, x, weight, mean, rstd, dh, 0.0, "gemma", compute_dw, compute_db,
                                            max_block_n, shape)
     return dx, _summed(dw_partial, weight), (None if db_partial is None else db_partial.sum(0))
+
+
+def add_norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    centered: bool,
+    offset: float = 0.0,
+    casting_mode: str = "gemma",
+    out_dtype: torch.dtype | None = None,
+    max_block_n: int | None = None,
+    shape: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(y, h, mean or None, rstd): h = x + residual rounded to x's dtype, y its LayerNorm (`centered`; bias
+    allowed) or RMSNorm (offset and casting mode as `rms_norm_forward`), in one pass over x and the residual
+    (2-D, unit column stride, one dtype)."""
+    return _forward(x, residual, weight, bias, eps, offset, casting_mode, out_dtype or x.dtype, centered,
+                    max_block_n, shape)

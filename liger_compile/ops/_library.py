@@ -46,3 +46,11 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     rows = tensor.reshape(-1, tensor.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
+
+
+def check_residual(op: str, x: torch.Tensor, residual: torch.Tensor) -> None:
+    """The second operand of a fused ``x + residual``: same shape, dtype and device (no broadcast, no
+    promotion: the sum is rounded to x's dtype as eager's add of two such tensors rounds it)."""
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        fail(op, f"residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) must match x "
+                 f"({tuple(x.shape)}, {x.dtype}, {x.device})")

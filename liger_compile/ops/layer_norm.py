@@ -16,7 +16,7 @@ import torch
 
 from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import as_rows, check_float_tensor, check_residual, check_same_device, fail
 
 _OP = "layer_norm"
 
@@ -102,16 +102,19 @@ def _layer_norm_backward(
     rstd: torch.Tensor,
     compute_dw: bool,
     compute_db: bool,
+    dh: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW, dB in fp32); dW and dB are empty tensors when not computed (custom ops cannot return None)."""
+    """(dx, dW, dB in fp32); dW and dB are empty tensors when not computed (custom ops cannot return None).
+    With `dh` (the gradient of h = x + residual from its other uses), dx + dh."""
     _check_backward_inputs(dy, x, mean, rstd)
     if can_launch(x):
         w = None if weight is None else weight.contiguous()
         dx, dw, db = kernels.layer_norm_backward(as_rows(dy), as_rows(x), w, mean.contiguous().view(-1),
-                                                 rstd.contiguous().view(-1), compute_dw, compute_db, shape=x.shape)
+                                                 rstd.contiguous().view(-1), compute_dw, compute_db,
+                                                 dh=None if dh is None else as_rows(dh), shape=x.shape)
     else:
         dx, dw, db = layer_norm_backward_reference(dy, x, weight, mean, rstd, compute_dw, compute_db)
-        dx = dx.contiguous()
+        dx = (dx if dh is None else dx + dh).contiguous()
     def or_empty(grad):  # a fresh empty each: outputs of a custom op may not alias one another
         return x.new_empty((0,), dtype=torch.float32) if grad is None else grad
 
@@ -148,3 +151,62 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dim of `x`, as ``F.layer_norm``; differentiable in x, weight and bias."""
     return torch.ops.liger.layer_norm(x, weight, bias, eps)
+
+
+# --- h = x + residual, then LayerNorm of h: one pass over both operands ------------------------------------
+
+@torch.library.triton_op("liger::add_layer_norm_forward", mutates_args=())
+def _add_layer_norm_forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd): h = x + residual in x's dtype, y = layer_norm(h)."""
+    _check_inputs(x, weight, bias, eps)
+    check_residual("add_layer_norm", x, residual)
+    if not can_launch(x):
+        h = x + residual
+        y, mean, rstd = layer_norm_reference(h, weight, bias, eps)
+        return y, h, mean, rstd
+    w = None if weight is None else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    return kernels.add_norm_forward(as_rows(x), as_rows(residual), w, b, eps, centered=True, shape=x.shape)
+
+
+def _add_setup_context(ctx, inputs, output):
+    _x, _residual, weight, bias, _eps = inputs
+    _y, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, mean, rstd)  # what layer_norm(h) saves: x and residual are not needed
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _add_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[2]
+    compute_db = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+    dsum, dw, db = torch.ops.liger.layer_norm_backward(dy, h, weight, mean, rstd, compute_dw, compute_db, dh)
+    return dsum, dsum, (dw if compute_dw else None), (db.to(ctx.bias_dtype) if compute_db else None), None
+
+
+_add_layer_norm_forward.register_autograd(_add_backward, setup_context=_add_setup_context)
+
+torch.library.define(
+    "liger::add_layer_norm",
+    "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps=1e-05) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("liger::add_layer_norm", "CompositeImplicitAutograd")
+def _add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    y, h, _, _ = torch.ops.liger.add_layer_norm_forward(x, residual, weight, bias, eps)
+    return y, h
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(h), h) for h = x + residual, reading x and the residual once; differentiable in all."""
+    return torch.ops.liger.add_layer_norm(x, residual, weight, bias, eps)

@@ -22,7 +22,7 @@ import torch
 
 from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import as_rows, check_float_tensor, check_residual, check_same_device, fail
 
 CASTING_MODES = kernels.CASTING_MODES
 _OP = "rms_norm"
@@ -123,16 +123,19 @@ def _rms_norm_backward(
     offset: float,
     casting_mode: str,
     compute_dw: bool,
+    dh: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dW); dW is an empty tensor when `compute_dw` is False (custom ops cannot return None)."""
+    """(dx, dW); dW is an empty tensor when `compute_dw` is False (custom ops cannot return None). With `dh`
+    (the gradient of h = x + residual from its other uses), dx + dh: the gradient of both operands."""
     _check_backward_inputs(dy, x, rstd)
     if can_launch(x):
         w = None if weight is None else weight.contiguous()
         dx, dw = kernels.rms_norm_backward(as_rows(dy), as_rows(x), w, rstd.contiguous().view(-1), offset,
-                                           casting_mode, compute_dw, shape=x.shape)
+                                           casting_mode, compute_dw, dh=None if dh is None else as_rows(dh),
+                                           shape=x.shape)
     else:
         dx, dw = rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, compute_dw)
-        dx = dx.contiguous()
+        dx = (dx if dh is None else dx + dh).contiguous()
     return dx, (dw if dw is not None else x.new_empty((0,), dtype=torch.float32))
 
 
@@ -174,3 +177,69 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim of `x`; differentiable in `x` and `weight`. See the module docstring."""
     return torch.ops.liger.rms_norm(x, weight, eps, offset, casting_mode)
+
+
+# --- h = x + residual, then RMSNorm of h: one pass over both operands ------------------------------------------
+
+@torch.library.triton_op("liger::add_rms_norm_forward", mutates_args=())
+def _add_rms_norm_forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+    casting_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, rstd): h = x + residual in x's dtype, y = rms_norm(h)."""
+    _check_inputs(x, weight, eps, offset, casting_mode)
+    check_residual("add_rms_norm", x, residual)
+    if not can_launch(x):
+        h = x + residual
+        y, rstd = rms_norm_reference(h, weight, eps, offset, casting_mode)
+        return y, h, rstd
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
+    w = None if weight is None else weight.contiguous()
+    y, h, _, rstd = kernels.add_norm_forward(as_rows(x), as_rows(residual), w, None, eps, centered=False,
+                                             offset=offset, casting_mode=casting_mode, out_dtype=out_dtype,
+                                             shape=x.shape)
+    return y, h, rstd
+
+
+def _add_setup_context(ctx, inputs, output):
+    _x, _residual, weight, _eps, offset, casting_mode = inputs
+    _y, h, rstd = output
+    ctx.save_for_backward(h, weight, rstd)  # what rms_norm(h) saves: x and residual are not needed
+    ctx.offset = offset
+    ctx.casting_mode = casting_mode
+
+
+def _add_backward(ctx, dy, dh, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[2]
+    dsum, dw = torch.ops.liger.rms_norm_backward(dy, h, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw, dh)
+    return dsum, dsum, (dw if compute_dw else None), None, None, None
+
+
+_add_rms_norm_forward.register_autograd(_add_backward, setup_context=_add_setup_context)
+
+torch.library.define(
+    "liger::add_rms_norm",
+    "(Tensor x, Tensor residual, Tensor? weight, float eps, float offset=0., str casting_mode='llama') "
+    "-> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("liger::add_rms_norm", "CompositeImplicitAutograd")
+def _add_rms_norm(x, residual, weight, eps, offset=0.0, casting_mode="llama"):
+    y, h, _ = torch.ops.liger.add_rms_norm_forward(x, residual, weight, eps, offset, casting_mode)
+    return y, h
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) for h = x + residual, reading x and the residual once (a pre-norm block's residual
+    stream and its next norm); differentiable in x, residual and weight."""
+    return torch.ops.liger.add_rms_norm(x, residual, weight, eps, offset, casting_mode)

@@ -1,12 +1,13 @@
 """FX rewrites of Dynamo graphs onto liger ops: one module per op family, plus the pass manager."""
 
-from liger_compile.passes import cross_entropy, glu, layer_norm, rms_norm, rope
+from liger_compile.passes import cross_entropy, glu, layer_norm, residual_norm, rms_norm, rope
 from liger_compile.passes.manager import Family, NearMiss, PassFailure, PassResult, Rewrite, run_passes
 
 # Every rewrite family, in the order they run (LayerNorm's arithmetic contains a mean square: it goes first).
 FAMILIES: dict[str, Family] = {
     layer_norm.FAMILY: layer_norm.apply,
     rms_norm.FAMILY: rms_norm.apply,
+    residual_norm.FAMILY: residual_norm.apply,  # on the norms the two families above made
     glu.FAMILY: glu.apply,
     rope.FAMILY: rope.apply,
     cross_entropy.FAMILY: cross_entropy.apply,

@@ -117,7 +117,7 @@ def test_optimize_and_explain():
     assert_close(out, module(x))
 
     report = liger_compile.explain(compiled, x)
-    assert report.counts() == {"layer_norm": 0, "rms_norm": 1, "glu": 0, "rope": 0, "cross_entropy": 0}
+    assert report.counts() == {"layer_norm": 0, "rms_norm": 1, "residual_norm": 0, "glu": 0, "rope": 0, "cross_entropy": 0}
     summary = report.to_dict()
     assert summary["counts"] == report.counts() and summary["near_misses"] == []
     assert summary["rewrites"][0]["variant"] == "torch.rms_norm"

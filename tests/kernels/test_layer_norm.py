@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
 from liger_compile.ops.layer_norm import layer_norm_backward_reference, layer_norm_reference
+from liger_compile.ops.rms_norm import rms_norm_backward_reference, rms_norm_reference
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, assert_relative_error
 from tests.kernels.test_rms_norm import SHAPES  # the same kernels: the same shapes and paths
@@ -72,3 +73,32 @@ def test_strided_rows_are_read_with_their_stride():
     assert_close(y, y_ref)
     assert_close(mean, mean_ref)
     assert_close(rstd, rstd_ref)
+
+
+@pytest.mark.parametrize("rows,hidden,max_block_n", SHAPES)
+@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
+def test_residual_add_is_normalised_and_returned(rows, hidden, max_block_n, centered):
+    """h = x + residual (rounded to x's dtype) written once and normalised; backward adds h's own gradient."""
+    torch.manual_seed(hidden)
+    x, residual = (torch.randn(rows, hidden, device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    weight, bias = torch.randn(hidden, device=DEVICE), (torch.randn(hidden, device=DEVICE) if centered else None)
+    y, h, mean, rstd = kernels.add_norm_forward(x, residual, weight, bias, 1e-5, centered=centered,
+                                                max_block_n=max_block_n)
+    h_ref = x + residual
+    assert_close(h, h_ref)
+    if centered:
+        y_ref, _, _ = layer_norm_reference(h_ref, weight, bias, 1e-5)
+        assert_close(mean, layer_norm_reference(h, weight, bias, 1e-5)[1], dtype=torch.float32)
+    else:
+        y_ref = rms_norm_reference(h_ref, weight, 1e-5, casting_mode="gemma")[0]
+        assert mean is None
+    assert_close(y, y_ref)
+
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    if centered:
+        dx, _, _ = kernels.layer_norm_backward(dy, h, weight, mean, rstd, False, False, dh=dh, max_block_n=max_block_n)
+        dx_ref, _, _ = layer_norm_backward_reference(dy, h, weight, mean, rstd, False, False)
+    else:
+        dx, _ = kernels.rms_norm_backward(dy, h, weight, rstd, 0.0, "gemma", False, dh=dh, max_block_n=max_block_n)
+        dx_ref, _ = rms_norm_backward_reference(dy, h, weight, rstd, 0.0, "gemma", False)
+    assert_close(dx, (dx_ref.float() + dh.float()).to(dx.dtype))
