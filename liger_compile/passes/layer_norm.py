@@ -96,7 +96,7 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
     x_meta = _check_input(x)
     shape = call["normalized_shape"]
     if not isinstance(shape, (list, tuple)) or not same_shape(shape, x_meta.shape[-1:]):
-        raise InexactMatch(f"normalized_shape {list(shape)} is not the last dim only ({x_meta.shape[-1]})")
+        raise InexactMatch(f"normalized_shape {shape} is not the last dim only ({x_meta.shape[-1]})")
     eps_operand = call.get("eps", _DEFAULT_EPS)
     eps = number(eps_operand)
     if eps is None:
