@@ -259,9 +259,14 @@ class Rewriter:
     def replace_several(self, finals: Sequence[fx.Node], target: Any, args: Sequence[Any],
                         matched: Iterable[fx.Node]) -> fx.Node:
         """Compute the values of `finals` with one call of `target(*args)`, which returns them as a tuple in
-        that order. `args` must be defined before the first of `finals` in the graph."""
+        that order. The call goes before the first of `finals`, or right after the last node among `args`
+        where that comes later (a weight computed after the first final): the caller makes sure no user of a
+        final comes before that node."""
         order = {node: i for i, node in enumerate(self.graph.nodes)}
-        new = self._call(min(finals, key=order.__getitem__), target, args)
+        first = min(finals, key=order.__getitem__)
+        operands = [self._replacements.get(a, a) for a in args if isinstance(a, fx.Node)]
+        latest = max(operands, key=order.__getitem__, default=first)
+        new = self._call(first if order[latest] < order[first] else latest.next, target, args, meta_from=first)
         new.meta["example_value"] = tuple(final.meta.get("example_value") for final in finals)
         for index, final in enumerate(finals):
             with self.graph.inserting_after(new):
@@ -271,11 +276,12 @@ class Rewriter:
         erase_unused(self.graph, matched)
         return new
 
-    def _call(self, before: fx.Node, target: Any, args: Sequence[Any]) -> fx.Node:
+    def _call(self, before: fx.Node, target: Any, args: Sequence[Any], meta_from: fx.Node | None = None) -> fx.Node:
+        """Insert `target(*args)` before `before`, with the meta of `meta_from` (default: `before`)."""
         args = tuple(self._replacements.get(a, a) if isinstance(a, fx.Node) else a for a in args)
         with self.graph.inserting_before(before):
             new = self.graph.call_function(target, args)
-        _copy_meta(before, new)
+        _copy_meta(meta_from or before, new)
         return new
 
     def _substitute(self, final: fx.Node, new: fx.Node) -> None:

@@ -9,12 +9,10 @@ two tensors of one dtype elementwise).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
-from liger_compile.passes.graph import canonical, erase_unused, same_shape, tensor_meta
+from liger_compile.passes.graph import Rewriter, canonical, same_shape, tensor_meta
 from liger_compile.passes.manager import Recorder
 
 FAMILY = "residual_norm"
@@ -55,26 +53,10 @@ def _fuse(graph: fx.Graph, norm: fx.Node, a: fx.Node, b: fx.Node, record: Record
     h = norm.args[0]
     order = {node: i for i, node in enumerate(graph.nodes)}
     # The fused op goes after the sum and everything the norm takes (a weight may be computed after the sum);
-    # every other reader of h must come after it.
+    # every other reader of h must come after that.
     anchor = max([h, *(arg for arg in norm.args[1:] if isinstance(arg, fx.Node))], key=order.__getitem__)
     if any(order[user] <= order[anchor] for user in h.users if user is not norm):
         return  # h is read before the norm's weight exists: left as it is (rare; not an inexact rewrite)
     target, variant = _FUSED[norm.target]
     record.rewrite(norm, variant)
-    with graph.inserting_after(anchor):
-        fused = graph.call_function(target, (a, b, *norm.args[1:]))
-    fused.meta["example_value"] = (norm.meta.get("example_value"), h.meta.get("example_value"))
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in norm.meta:
-            fused.meta[key] = norm.meta[key]
-    results = []
-    for index, replaced in enumerate((norm, h)):
-        with graph.inserting_after(fused):
-            item = graph.call_function(operator.getitem, (fused, index))
-        item.meta["example_value"] = replaced.meta.get("example_value")
-        results.append(item)
-    norm.replace_all_uses_with(results[0])
-    graph.erase_node(norm)
-    h.replace_all_uses_with(results[1])
-    erase_unused(graph, [h])
-
+    Rewriter(graph).replace_several([norm, h], target, (a, b, *norm.args[1:]), [norm, h])

@@ -66,3 +66,10 @@ def test_a_scalar_added_is_not_a_residual():
     report = check_rewrite(Summed(lambda x, w: F.rms_norm(x + 1.0, (HIDDEN,), w)), torch.randn(3, HIDDEN),
                            "residual_norm", 0, residual_norm=True)
     assert report.near_misses == []
+
+
+def test_weight_computed_after_the_sum():
+    """The fused op goes after the weight's cast, which the code writes between the sum and the norm."""
+    torch.manual_seed(0)
+    module = Summed(lambda x, w: (lambda h: F.rms_norm(h, (HIDDEN,), w * 2.0) + h)(x + x.flip(0)))
+    check_rewrite(module, torch.randn(3, HIDDEN), "residual_norm", 1, residual_norm=True)
