@@ -208,7 +208,7 @@ def _match_arithmetic(mean: fx.Node, call: Call) -> _Match | None:
         return None
     h, chain = found
     again = [n for n in normalized_operands if n not in centered]  # z - mean written a second time
-    statistic = [mean, *centered, *variance_nodes, *chain, *again, *(n.args[1] for n in again)]
+    statistic = [mean, *centered, *variance_nodes, *chain, *again, *(canonical(n)["other"] for n in again)]
     if any(tensor_meta(n) is None for n in statistic):
         raise InexactMatch("nodes lack tensor metadata")
     if any(dtype_of(n) != torch.float32 for n in statistic):
