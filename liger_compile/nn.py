@@ -1,6 +1,9 @@
-"""Loss modules over the liger ops, for models composed by hand (the backend rewrites ``F.cross_entropy`` itself).
+"""Loss modules over the liger ops, for models composed by hand (the backend rewrites ``F.cross_entropy``,
+``F.kl_div`` and the JSD itself).
 
     loss = liger_compile.nn.FusedLinearCrossEntropyLoss()(hidden, lm_head.weight, labels)
+    loss = liger_compile.nn.FusedLinearJSD(beta=0.5, temperature=2.0)(
+        student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels)
 """
 
 from __future__ import annotations
@@ -8,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from liger_compile.ops.cross_entropy import cross_entropy
+from liger_compile.ops.divergence import jsd, kl_div
 from liger_compile.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from liger_compile.ops.fused_linear_jsd import fused_linear_jsd
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -45,3 +50,48 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
                 bias: torch.Tensor | None = None):
         return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias,
                                           self.class_weight, **self.options)
+
+
+class KLDivLoss(torch.nn.Module):
+    """``nn.KLDivLoss`` (input and target of one shape), computed in fp32; see `liger_compile.ops.divergence`."""
+
+    def __init__(self, reduction: str = "mean", log_target: bool = False):
+        super().__init__()
+        self.reduction, self.log_target = reduction, log_target
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return kl_div(input, target, self.reduction, self.log_target)
+
+
+def _rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.reshape(-1, tensor.shape[-1])
+
+
+class JSD(torch.nn.Module):
+    """The generalized Jensen-Shannon divergence between student and teacher log-probabilities (..., V), with
+    labels (...) whose `ignore_index` rows count for nothing: beta 0 is the forward KL(teacher || student), 1 the
+    reverse; see `liger_compile.ops.divergence`."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean"):
+        super().__init__()
+        self.options = dict(beta=beta, ignore_index=ignore_index, reduction=reduction)
+
+    def forward(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: torch.Tensor | None = None):
+        return jsd(student_logp, teacher_logp, None if labels is None else labels.reshape(-1), **self.options)
+
+
+class FusedLinearJSD(torch.nn.Module):
+    """``JSD`` of the student's and teacher's ``log_softmax(hidden @ weight.T / temperature)`` without
+    materialising either's logits: hidden (..., H) per side, weight (V, H) (an lm_head's); the teacher gets no
+    gradient. See `liger_compile.ops.fused_linear_jsd`."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
+                 reduction: str = "batchmean", chunk_rows: int = 0):
+        super().__init__()
+        self.options = dict(beta=beta, ignore_index=ignore_index, temperature=temperature, reduction=reduction,
+                            chunk_rows=chunk_rows)
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, labels: torch.Tensor | None = None):
+        return fused_linear_jsd(_rows(student_hidden), student_weight, _rows(teacher_hidden), teacher_weight,
+                                None if labels is None else labels.reshape(-1), **self.options)

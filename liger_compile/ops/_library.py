@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from liger_compile.kernels._launch import is_traced
+
 NAMESPACE = "liger"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,10 +49,44 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-
 def check_residual(op: str, x: torch.Tensor, residual: torch.Tensor) -> None:
     """The second operand of a fused ``x + residual``: same shape, dtype and device (no broadcast, no
     promotion: the sum is rounded to x's dtype as eager's add of two such tensors rounds it)."""
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         fail(op, f"residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) must match x "
                  f"({tuple(x.shape)}, {x.dtype}, {x.device})")
+
+
+# --- Ops that compute their gradients in forward, chunk by chunk (the fused linear losses) ---------------------
+
+# Logits a fused linear op computes at once when left to choose: the same on every call, so that results do not
+# depend on free memory.
+AUTO_CHUNK_BYTES = 1 << 30
+
+
+def chunk_rows_for(op: str, n_rows: int, row_bytes: int, requested: int) -> int:
+    """Rows per chunk: `requested`, or 0 for as many rows of `row_bytes` as `AUTO_CHUNK_BYTES` holds."""
+    if requested < 0:
+        fail(op, f"chunk_rows must be >= 0 (0: automatic), got {requested}")
+    return max(1, min(n_rows, requested or AUTO_CHUNK_BYTES // row_bytes))
+
+
+def gradient_needs(*tensors: torch.Tensor | None) -> list[bool]:
+    """Which of `tensors` autograd will ask a gradient for: known above autograd, where the public op runs."""
+    grad_mode = torch.is_grad_enabled()
+    return [grad_mode and t is not None and t.requires_grad for t in tensors]
+
+
+def scale_precomputed(ctx, op: str, needs, dloss: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients forward computed for a cotangent of 1 (what `ctx` saved), times the loss's cotangent.
+
+    Eagerly, scaled in place: the gradients belong to this node alone, and a copy of a weight's would cost as much
+    memory as the weight. Traced, out of place (functional), and Inductor then reuses the saved buffer, which
+    backward donates.
+    """
+    if getattr(ctx, "scaled", False):
+        fail(op, "backward ran twice through one loss (retain_graph=True); the gradients computed in forward are "
+                 "scaled in place by the first")
+    ctx.scaled = True
+    return [None if not need else grad * dloss if is_traced(grad) else grad.mul_(dloss)
+            for grad, need in zip(ctx.saved_tensors, needs)]

@@ -10,7 +10,7 @@ For each chunk of `chunk_rows` rows: one GEMM gives the chunk's logits, one kern
 overwrites the logits with their gradient, and two more GEMMs give the chunk's part of the hidden and weight
 gradients. Memory is one chunk of logits; time is the three GEMMs of the unfused computation plus the weight
 gradient's read-modify-write once per chunk after the first, summed in the weight's dtype. `chunk_rows` is the
-knob between the two: 0 chooses the chunk from V and the dtype (`AUTO_LOGITS_BYTES` of logits), the same on
+knob between the two: 0 chooses the chunk from V and the dtype (`AUTO_CHUNK_BYTES` of logits), the same on
 every call so that results do not depend on free memory.
 
 With ``reduction="mean"`` or ``"sum"`` the gradients are computed in forward, when the loss's cotangent is not yet
@@ -25,8 +25,14 @@ from typing import Optional
 
 import torch
 
-from liger_compile.kernels._launch import is_traced
-from liger_compile.ops._library import check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import (
+    check_float_tensor,
+    check_same_device,
+    chunk_rows_for,
+    fail,
+    gradient_needs,
+    scale_precomputed,
+)
 from liger_compile.ops.cross_entropy import (
     check_label_values,
     check_options,
@@ -38,14 +44,6 @@ from liger_compile.ops.cross_entropy import (
 )
 
 _OP = "fused_linear_cross_entropy"
-AUTO_LOGITS_BYTES = 1 << 30
-
-
-def chunk_rows_for(n_rows: int, n_classes: int, dtype: torch.dtype, requested: int) -> int:
-    if requested < 0:
-        fail(_OP, f"chunk_rows must be >= 0 (0: automatic), got {requested}")
-    rows = requested or AUTO_LOGITS_BYTES // (n_classes * dtype.itemsize)
-    return max(1, min(n_rows, rows))
 
 
 def _check_inputs(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing,
@@ -71,7 +69,7 @@ def _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smo
     """Loss and z-loss per row, and with row scales (g, h) the gradients `needs` asks for (hidden, weight,
     bias; empty tensors for the others)."""
     n_rows, n_classes = hidden.shape[0], weight.shape[0]
-    chunk = chunk_rows_for(n_rows, n_classes, hidden.dtype, chunk_rows)
+    chunk = chunk_rows_for(_OP, n_rows, n_classes * hidden.dtype.itemsize, chunk_rows)
     rows = hidden.new_empty(n_rows, dtype=torch.float32)
     z_rows = torch.empty_like(rows)
     grad_hidden = torch.empty_like(hidden) if needs[0] else hidden.new_empty(0)
@@ -170,7 +168,6 @@ def _setup_context(ctx, inputs, output):
     # No zero cotangents for the outputs other than the loss: for the gradients, they would be weight-sized.
     ctx.set_materialize_grads(False)
     ctx.precomputed = reduction != "none"
-    ctx.scaled = False
     if ctx.precomputed:
         ctx.save_for_backward(*output[2:])
     else:
@@ -183,15 +180,7 @@ def _backward(ctx, dloss, *_unused):
     if dloss is None:  # the loss itself was not used
         return (None,) * 14
     if ctx.precomputed:
-        # Eagerly, scaled in place: the gradients belong to this node alone, and a copy of the weight's would
-        # cost as much memory as the weight. Traced, out of place (functional), and Inductor then reuses the
-        # saved buffer, which backward donates.
-        if ctx.scaled:
-            fail(_OP, "backward ran twice through one loss (retain_graph=True); the gradients computed in "
-                      "forward are scaled in place by the first")
-        ctx.scaled = True
-        grads = [None if not need else grad * dloss if is_traced(grad) else grad.mul_(dloss)
-                 for grad, need in zip(ctx.saved_tensors, needs)]
+        grads = scale_precomputed(ctx, _OP, needs, dloss)
     else:
         hidden, weight, bias, target, class_weight = ctx.saved_tensors
         grads = torch.ops.liger.fused_linear_cross_entropy_backward(
@@ -213,8 +202,7 @@ torch.library.define(
 def _forward_with_needs(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing,
                         lse_square_scale, softcap, chunk_rows):
     """The forward op, told which gradients autograd will ask for (this runs above autograd, which knows)."""
-    grad_mode = torch.is_grad_enabled()
-    needs = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    needs = gradient_needs(hidden, weight, bias)
     return torch.ops.liger.fused_linear_cross_entropy_forward(
         hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
         softcap, chunk_rows, *needs)

@@ -1,0 +1,325 @@
+"""KL divergence and the generalized Jensen-Shannon divergence of distillation, as torch.library custom ops.
+
+- ``torch.ops.liger.kl_div(input, target, reduction="mean", log_target=False)`` is ``F.kl_div`` with the same
+  arguments (input and target of one shape; no broadcasting): every reduction, and the result in the dtype
+  ``F.kl_div`` returns, computed in fp32 and rounded once.
+- ``torch.ops.liger.jsd(student_logp, teacher_logp, labels=None, beta=0.5, ignore_index=-100,
+  reduction="batchmean")``: with P the teacher's and Q the student's distribution over the last dim and
+  M = beta P + (1 - beta) Q, each row's ``beta KL(P || M) + (1 - beta) KL(Q || M)``; beta = 0 is the forward
+  KL(P || Q), beta = 1 the reverse KL(Q || P). Rows whose label is `ignore_index` count for nothing.
+  ``batchmean`` divides the sum over rows by the number of rows counted, ``mean`` by that times the vocabulary,
+  ``sum`` by nothing. The loss is fp32. Temperature is the caller's: these are log-probabilities.
+
+Both are differentiable in both inputs. Forward reads the two inputs once and saves nothing new; backward
+reads them again and writes the gradients asked for in one pass (the gradient of ``F.kl_div`` with respect to
+its input needs only the target, so that pass skips the input). Computing the gradients in forward would save
+one read but needs the loss's cotangent, unknown until backward, so scaling them there would cost a pass more.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from liger_compile.kernels import divergence as kernels
+from liger_compile.kernels._launch import can_launch
+from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
+
+KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
+JSD_REDUCTIONS = ("batchmean", "mean", "sum")
+_KL = "kl_div"
+_JSD = "jsd"
+
+
+def check_log_probability_pair(op: str, names: tuple[str, str], x: torch.Tensor, y: torch.Tensor) -> None:
+    check_float_tensor(op, names[0], x)
+    check_float_tensor(op, names[1], y)
+    check_same_device(op, **{names[0]: x, names[1]: y})
+    if x.shape != y.shape or x.dim() == 0:
+        fail(op, f"{names[0]} {tuple(x.shape)} and {names[1]} {tuple(y.shape)} must have one shape with at least "
+                 "one dim (broadcasting is not supported)")
+
+
+def check_labels(op: str, labels: torch.Tensor | None, n_rows: int) -> None:
+    if labels is None:
+        return
+    if labels.dtype not in (torch.int64, torch.int32) or labels.numel() != n_rows:
+        fail(op, f"labels must hold one int64 or int32 label per row ({n_rows}), got {labels.dtype} of shape "
+                 f"{tuple(labels.shape)}")
+
+
+def check_beta(op: str, beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        fail(op, f"beta must be in [0, 1], got {beta}")
+
+
+def jsd_form(beta: float) -> tuple[str, bool]:
+    """(the kernel's form for this beta, whether the student is its x side): the JSD's ends are plain KLs."""
+    if beta == 0.0:
+        return "kl_log_target", True  # KL(P || Q) = sum P (log P - log Q): x = the student
+    if beta == 1.0:
+        return "kl_log_target", False  # KL(Q || P): x = the teacher
+    return "mixture", True
+
+
+def reference_elements(x: torch.Tensor, y: torch.Tensor, form: str, beta: float) -> torch.Tensor:
+    """The divergence per element in PyTorch, in the inputs' dtype: the definition the kernels compute."""
+    if form == "kl_log_target":
+        return F.kl_div(x, y, reduction="none", log_target=True)
+    if form == "kl_prob_target":
+        return F.kl_div(x, y, reduction="none", log_target=False)
+    mixture = _log_mixture(x, y, beta)
+    return (beta * F.kl_div(mixture, y, reduction="none", log_target=True)
+            + (1 - beta) * F.kl_div(mixture, x, reduction="none", log_target=True))
+
+
+def _log_mixture(x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta e^y + (1 - beta) e^x), finite where both exps underflow."""
+    return torch.logaddexp(y + math.log(beta), x + math.log1p(-beta))
+
+
+def _ignored(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
+    return None if labels is None else (labels.reshape(-1) == ignore_index)
+
+
+def loss_rows(x: torch.Tensor, y: torch.Tensor, form: str, beta: float, labels: torch.Tensor | None,
+              ignore_index: int) -> torch.Tensor:
+    """Each row's divergence, fp32 (N,), 0 on ignored rows; x and y (N, V)."""
+    if not can_launch(x):
+        rows = reference_elements(x.float(), y.float(), form, beta).sum(-1)
+        ignored = _ignored(labels, ignore_index)
+        return rows if ignored is None else torch.where(ignored, 0.0, rows)
+    rows = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    kernels.divergence_rows(x, y, form=form, beta=beta, labels=_contiguous_labels(labels), ignore_index=ignore_index,
+                            row_loss=rows)
+    return rows
+
+
+def loss_elements(x: torch.Tensor, y: torch.Tensor, form: str, dtype: torch.dtype) -> torch.Tensor:
+    """The divergence per element of x and y (any one shape), in `dtype`."""
+    if not can_launch(x):
+        return reference_elements(x.float(), y.float(), form, 0.0).to(dtype)
+    elements = torch.empty(x.shape, device=x.device, dtype=dtype)
+    kernels.divergence_rows(as_rows(x), as_rows(y), form=form, elements=elements.view(-1, x.shape[-1]))
+    return elements
+
+
+def gradients(x: torch.Tensor, y: torch.Tensor, form: str, *, need_x: bool, need_y: bool, beta: float = 0.0,
+              labels: torch.Tensor | None = None, ignore_index: int = -100, row_scale: torch.Tensor | None = None,
+              cotangent: torch.Tensor | None = None):
+    """(dx, dy) for x and y of one shape (None for those not needed): of ``sum(row_scale * rows)`` with one
+    scale per row of the last dim ((N,) fp32, stride 0 for one value), or of ``sum(cotangent * elements)``;
+    rows whose label is `ignore_index` get 0."""
+    per_element = cotangent is not None
+    weights = cotangent if per_element else row_scale
+    if not can_launch(x):
+        return _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_element, need_x, need_y)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
+    dy = torch.empty(y.shape, device=y.device, dtype=y.dtype) if need_y else None
+    columns = x.shape[-1]
+    kernels.divergence_rows(
+        as_rows(x), as_rows(y), form=form, beta=beta, labels=_contiguous_labels(labels), ignore_index=ignore_index,
+        cotangent=as_rows(weights.reshape(x.shape)) if per_element else None,
+        scale=None if per_element else weights if weights.stride(0) == 0 else weights.contiguous(),
+        dx=None if dx is None else dx.view(-1, columns), dy=None if dy is None else dy.view(-1, columns))
+    return dx, dy
+
+
+def reference_derivatives(x: torch.Tensor, y: torch.Tensor, form: str, beta: float):
+    """d(element)/dx and d(element)/dy of `reference_elements` per element, as autograd gives them."""
+    if form == "kl_log_target":
+        p = y.exp()
+        return -p, p * (y - x) + p
+    if form == "kl_prob_target":
+        return -y, torch.where(y == 0, 0.0, y.log()) + y / y - x
+    p, q = y.exp(), x.exp()
+    log_m = _log_mixture(x, y, beta)
+    return (1 - beta) * q * (x - log_m), beta * p * (y - log_m)
+
+
+def _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_element, need_x, need_y):
+    derivatives = reference_derivatives(x.float(), y.float(), form, beta)
+    weights = weights.float().reshape(x.shape) if per_element else weights.float().reshape(x.shape[:-1])[..., None]
+    if labels is not None:
+        weights = torch.where((labels.reshape(x.shape[:-1]) == ignore_index)[..., None], 0.0, weights)
+    return tuple(torch.where(weights == 0, 0.0, derivative * weights).to(t.dtype) if need else None
+                 for derivative, t, need in zip(derivatives, (x, y), (need_x, need_y)))
+
+
+def _contiguous_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
+    return None if labels is None else labels.reshape(-1).contiguous()
+
+
+def _empty_unless(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A gradient as a backward op returns it: an op output may not be None, so an empty tensor stands for it."""
+    return grad if grad is not None else like.new_empty(0)
+
+
+# --- KL divergence -------------------------------------------------------------------------------------------
+
+def _kl_form(log_target: bool) -> str:
+    return "kl_log_target" if log_target else "kl_prob_target"
+
+
+def _kl_divisor(x: torch.Tensor, reduction: str) -> int:
+    return {"sum": 1, "mean": x.numel(), "batchmean": x.shape[0]}[reduction]
+
+
+def _check_kl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
+    check_log_probability_pair(_KL, ("input", "target"), input, target)
+    if reduction not in KL_REDUCTIONS:
+        fail(_KL, f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+
+
+@torch.library.custom_op("liger::kl_div", mutates_args=())
+def _kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+            log_target: bool = False) -> torch.Tensor:
+    _check_kl(input, target, reduction)
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if reduction == "none":
+        return loss_elements(input, target, _kl_form(log_target), dtype)
+    total = loss_rows(as_rows(input), as_rows(target), _kl_form(log_target), 0.0, None, 0).sum()
+    return (total / _kl_divisor(input, reduction)).to(dtype)
+
+
+@_kl_div.register_fake
+def _kl_div_fake(input, target, reduction="mean", log_target=False):
+    _check_kl(input, target, reduction)
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    return input.new_empty(input.shape if reduction == "none" else (), dtype=dtype)
+
+
+@torch.library.custom_op("liger::kl_div_backward", mutates_args=())
+def _kl_div_backward(dloss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str,
+                     log_target: bool, input_grad: bool, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dinput, dtarget), empty where not asked for."""
+    options = dict(need_x=input_grad, need_y=target_grad)
+    if reduction == "none":
+        options["cotangent"] = dloss
+    else:
+        options["row_scale"] = (dloss.float() / _kl_divisor(input, reduction)).expand(input.numel() // input.shape[-1])
+    dx, dy = gradients(input, target, _kl_form(log_target), **options)
+    return _empty_unless(dx, input), _empty_unless(dy, target)
+
+
+@_kl_div_backward.register_fake
+def _kl_div_backward_fake(dloss, input, target, reduction, log_target, input_grad, target_grad):
+    return (torch.empty_like(input) if input_grad else input.new_empty(0),
+            torch.empty_like(target) if target_grad else target.new_empty(0))
+
+
+def _kl_setup_context(ctx, inputs, output):
+    input, target, reduction, log_target = inputs
+    ctx.save_for_backward(input, target)
+    ctx.options = (reduction, log_target)
+
+
+def _kl_backward(ctx, dloss):
+    input, target = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[:2]
+    dinput, dtarget = torch.ops.liger.kl_div_backward(dloss, input, target, *ctx.options, need_input, need_target)
+    return dinput if need_input else None, dtarget if need_target else None, None, None
+
+
+_kl_div.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+
+
+def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+           log_target: bool = False) -> torch.Tensor:
+    """``F.kl_div(input, target, reduction=reduction, log_target=log_target)``, computed in fp32."""
+    return torch.ops.liger.kl_div(input, target, reduction, log_target)
+
+
+# --- Jensen-Shannon divergence -------------------------------------------------------------------------------
+
+def _check_jsd(student, teacher, labels, beta, reduction) -> None:
+    check_log_probability_pair(_JSD, ("student_logp", "teacher_logp"), student, teacher)
+    check_same_device(_JSD, student_logp=student, labels=labels)
+    check_labels(_JSD, labels, student.numel() // student.shape[-1])
+    check_beta(_JSD, beta)
+    check_reduction(_JSD, reduction)
+
+
+def check_reduction(op: str, reduction: str) -> None:
+    if reduction not in JSD_REDUCTIONS:
+        fail(op, f"reduction must be one of {JSD_REDUCTIONS}, got {reduction!r}")
+
+
+def jsd_denominator(labels: torch.Tensor | None, n_rows: int, n_cols: int, ignore_index: int,
+                    reduction: str) -> torch.Tensor | float:
+    """What the summed rows are divided by (a 0-d fp32 tensor when it counts labels: no device sync)."""
+    if reduction == "sum":
+        return 1.0
+    rows = n_rows if labels is None else (labels != ignore_index).sum().float()
+    return rows if reduction == "batchmean" else rows * n_cols
+
+
+def _jsd_sides(student, teacher, beta):
+    """(form, x, y, student is x) with the sides in the order the form takes them."""
+    form, student_is_x = jsd_form(beta)
+    return (form, student, teacher, True) if student_is_x else (form, teacher, student, False)
+
+
+@torch.library.custom_op("liger::jsd", mutates_args=())
+def _jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: Optional[torch.Tensor] = None,
+         beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
+    _check_jsd(student_logp, teacher_logp, labels, beta, reduction)
+    form, x, y, _ = _jsd_sides(as_rows(student_logp), as_rows(teacher_logp), beta)
+    rows = loss_rows(x, y, form, beta, labels, ignore_index)
+    return rows.sum() / jsd_denominator(labels, x.shape[0], x.shape[1], ignore_index, reduction)
+
+
+@_jsd.register_fake
+def _jsd_fake(student_logp, teacher_logp, labels=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
+    _check_jsd(student_logp, teacher_logp, labels, beta, reduction)
+    return student_logp.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("liger::jsd_backward", mutates_args=())
+def _jsd_backward(dloss: torch.Tensor, student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                  labels: Optional[torch.Tensor], beta: float, ignore_index: int, reduction: str, student_grad: bool,
+                  teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dstudent_logp, dteacher_logp), empty where not asked for."""
+    form, x, y, student_is_x = _jsd_sides(student_logp, teacher_logp, beta)
+    n_rows = x.numel() // x.shape[-1]
+    denominator = jsd_denominator(labels, n_rows, x.shape[-1], ignore_index, reduction)
+    scale = (dloss.float() / denominator).expand(n_rows)
+    need_x, need_y = (student_grad, teacher_grad) if student_is_x else (teacher_grad, student_grad)
+    dx, dy = gradients(x, y, form, need_x=need_x, need_y=need_y, beta=beta, labels=labels,
+                       ignore_index=ignore_index, row_scale=scale)
+    dstudent, dteacher = (dx, dy) if student_is_x else (dy, dx)
+    return _empty_unless(dstudent, student_logp), _empty_unless(dteacher, teacher_logp)
+
+
+@_jsd_backward.register_fake
+def _jsd_backward_fake(dloss, student_logp, teacher_logp, labels, beta, ignore_index, reduction, student_grad,
+                       teacher_grad):
+    return (torch.empty_like(student_logp) if student_grad else student_logp.new_empty(0),
+            torch.empty_like(teacher_logp) if teacher_grad else teacher_logp.new_empty(0))
+
+
+def _jsd_setup_context(ctx, inputs, output):
+    student, teacher, labels, beta, ignore_index, reduction = inputs
+    ctx.save_for_backward(student, teacher, labels)
+    ctx.options = (beta, ignore_index, reduction)
+
+
+def _jsd_backward_formula(ctx, dloss):
+    student, teacher, labels = ctx.saved_tensors
+    need_student, need_teacher = ctx.needs_input_grad[:2]
+    dstudent, dteacher = torch.ops.liger.jsd_backward(dloss, student, teacher, labels, *ctx.options, need_student,
+                                                      need_teacher)
+    return dstudent if need_student else None, dteacher if need_teacher else None, None, None, None, None
+
+
+_jsd.register_autograd(_jsd_backward_formula, setup_context=_jsd_setup_context)
+
+
+def jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: torch.Tensor | None = None, *,
+        beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
+    """The generalized Jensen-Shannon divergence between the student's and the teacher's log-probabilities
+    (see this module's docstring); fp32."""
+    return torch.ops.liger.jsd(student_logp, teacher_logp, labels, beta, ignore_index, reduction)
