@@ -9,7 +9,7 @@ forward+backward (outputs and gradients included, as ../shared/anchors.md counts
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
     python benchmarks/bench_ops.py [--op rms_norm] [--op add_rms_norm] [--op layer_norm] [--op glu] [--op rope]
-        [--op cross_entropy] [--quick] [--out benchmarks/results]
+        [--op cross_entropy] [--op divergence] [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -333,8 +333,58 @@ def cross_entropy_cases(quick: bool) -> list[Case]:
     return cases
 
 
+# --- KL divergence / JSD -----------------------------------------------------------------------------------
+
+def anchor_jsd(student, teacher):
+    """The JSD (beta 0.5) of ../shared/anchors.md, on log-probabilities: upcast, then the mixture's arithmetic."""
+    student, teacher = student.float(), teacher.float()
+    log_mixture = (0.5 * (student.exp() + teacher.exp())).log()
+    return 0.5 * (F.kl_div(log_mixture, teacher, reduction="sum", log_target=True)
+                  + F.kl_div(log_mixture, student, reduction="sum", log_target=True)) / student.shape[0]
+
+
+def distillation_kl(student, teacher):
+    """Forward KL(teacher || student) on log-probabilities, as a distillation loss writes it."""
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+
+
+def divergence_cases(quick: bool) -> list[Case]:
+    """Student and teacher log-probabilities (4096, Llama-3's vocabulary), bf16; only the student needs a
+    gradient."""
+    rows, vocab = 4096, 128256
+
+    def make_inputs():
+        torch.manual_seed(0)
+        student = torch.randn(rows, vocab, device="cuda").log_softmax(-1).bfloat16().requires_grad_()
+        teacher = torch.randn(rows, vocab, device="cuda").log_softmax(-1).bfloat16()
+        return student, teacher
+
+    def jsd_impls():
+        found = {"eager": anchor_jsd, "inductor": torch.compile(anchor_jsd, dynamic=False),
+                 "liger-compile op": lambda s, t: torch.ops.liger.jsd(s, t, None, 0.5),
+                 "liger-compile backend": torch.compile(anchor_jsd, backend="liger", dynamic=False)}
+        function = _liger_kernel_function("LigerJSDFunction")
+        if function is not None:
+            found["liger-kernel"] = lambda s, t: function.apply(s, t, None, 0.5, -100)
+        return found
+
+    def kl_impls():
+        found = {"eager": distillation_kl, "inductor": torch.compile(distillation_kl, dynamic=False),
+                 "liger-compile op": lambda s, t: torch.ops.liger.kl_div(s, t, "batchmean", True),
+                 "liger-compile backend": torch.compile(distillation_kl, backend="liger", dynamic=False)}
+        function = _liger_kernel_function("LigerKLDivLossFunction")
+        if function is not None:
+            found["liger-kernel"] = lambda s, t: function.apply(s, t, "batchmean", True)
+        return found
+
+    shape = f"{rows}x{vocab} bf16"
+    # The least any implementation moves: both sides read once, the student's gradient written once.
+    return [Case("jsd", shape, make_inputs, lambda i: [i[0]], 3 * rows * vocab * 2, jsd_impls),
+            Case("kl_div", shape, make_inputs, lambda i: [i[0]], 3 * rows * vocab * 2, kl_impls)]
+
+
 CASES = {"rms_norm": rms_norm_cases, "add_rms_norm": add_rms_norm_cases, "layer_norm": layer_norm_cases,
-         "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases}
+         "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases, "divergence": divergence_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------

@@ -35,9 +35,12 @@ def is_traced(tensor: torch.Tensor) -> bool:
 
 
 def traceable(kernel):
-    """`kernel` as the launchers call it: wrapped so that torch.compile sees and inlines the launch, except
-    under the interpreter, which torch.compile cannot trace."""
-    return kernel if INTERPRETING else torch.library.wrap_triton(kernel)
+    """`kernel` as the launchers call it: wrapped so that torch.compile sees and inlines the launch while it
+    traces (a dispatch mode is then active), plain otherwise, as the wrapper costs host time on every eager
+    launch; never wrapped under the interpreter, which torch.compile cannot trace."""
+    if INTERPRETING or torch._C._len_torch_dispatch_stack() == 0:
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 @functools.lru_cache(maxsize=None)

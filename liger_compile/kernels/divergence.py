@@ -32,15 +32,12 @@ KL_PROB_TARGET: tl.constexpr = tl.constexpr(1)
 MIXTURE: tl.constexpr = tl.constexpr(2)
 FORMS = {"kl_log_target": KL_LOG_TARGET, "kl_prob_target": KL_PROB_TARGET, "mixture": MIXTURE}
 
-LOSS_ROWS: tl.constexpr = tl.constexpr(0)  # each row's sum into a (N,) fp32 tensor
-LOSS_ELEMENTS: tl.constexpr = tl.constexpr(1)  # the (N, V) elements (F.kl_div's reduction "none")
-GRAD: tl.constexpr = tl.constexpr(2)
-
 SMALLEST_NORMAL: tl.constexpr = tl.constexpr(1.1754944e-38)  # of fp32
 
-# Columns per step and warps: the cross-entropy kernel's, a row pass of the same shape.
-BLOCK_V = 4096
-NUM_WARPS = 8
+# Columns per step, warps and software-pipelining stages (benchmarks/tune_divergence.py), read at launch.
+BLOCK_V = 8192
+NUM_WARPS = 16
+NUM_STAGES = 2
 
 
 @triton.jit
@@ -71,42 +68,47 @@ def _pointwise(x, y, beta, FORM: tl.constexpr):
 def _divergence_kernel(
     X, stride_x, Y, stride_y, LABELS, ROW_LOSS, ELEMENTS, stride_elements, COTANGENT, stride_cotangent,
     SCALE, stride_scale, DX, stride_dx, DY, stride_dy, n_cols, beta, ignore_index,
-    FORM: tl.constexpr, MODE: tl.constexpr, HAS_LABELS: tl.constexpr, ELEMENT_COTANGENT: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr, READ_X: tl.constexpr, BLOCK: tl.constexpr,
+    FORM: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_ROW_LOSS: tl.constexpr, WRITE_ELEMENTS: tl.constexpr,
+    ELEMENT_COTANGENT: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr, READ_X: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    # A row's losses summed need the whole row in one program; otherwise each program takes one block of it
+    # (the grid's second dim), which streams better.
     row = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * BLOCK
+    step = tl.num_programs(1) * BLOCK
     cols = tl.arange(0, BLOCK)
     x_row, y_row = X + row * stride_x, Y + row * stride_y
     ignored = row < 0  # no row is, without labels
     if HAS_LABELS:
         ignored = tl.load(LABELS + row) == ignore_index
     scale = 1.0
-    if MODE == GRAD and not ELEMENT_COTANGENT:
+    if (WRITE_DX or WRITE_DY) and not ELEMENT_COTANGENT:
         scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
     total = 0.0
-    for start in range(0, n_cols, BLOCK):
+    for start in range(first, n_cols, step):
         mask = start + cols < n_cols
         x = tl.zeros([BLOCK], tl.float32)
         if READ_X:
             x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_row + start + cols, mask=mask, other=1.0).to(tl.float32)
         loss, dx, dy = _pointwise(x, y, beta, FORM)
-        if MODE == LOSS_ROWS:
+        if WRITE_ROW_LOSS:
             total += tl.sum(tl.where(mask, loss, 0.0), 0)
-        elif MODE == LOSS_ELEMENTS:
+        if WRITE_ELEMENTS:
             out = ELEMENTS + row * stride_elements + start + cols
             tl.store(out, loss.to(ELEMENTS.dtype.element_ty), mask=mask)
-        else:
-            if ELEMENT_COTANGENT:
-                c = COTANGENT + row * stride_cotangent + start + cols
-                scale = tl.load(c, mask=mask, other=0.0).to(tl.float32)
-            if WRITE_DX:
-                dx = tl.where(ignored, 0.0, dx * scale)
-                tl.store(DX + row * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            if WRITE_DY:
-                dy = tl.where(ignored, 0.0, dy * scale)
-                tl.store(DY + row * stride_dy + start + cols, dy.to(DY.dtype.element_ty), mask=mask)
-    if MODE == LOSS_ROWS:
+        weight = scale
+        if ELEMENT_COTANGENT:
+            c = COTANGENT + row * stride_cotangent + start + cols
+            weight = tl.load(c, mask=mask, other=0.0).to(tl.float32)
+        if WRITE_DX:
+            dx = tl.where(ignored, 0.0, dx * weight)
+            tl.store(DX + row * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if WRITE_DY:
+            dy = tl.where(ignored, 0.0, dy * weight)
+            tl.store(DY + row * stride_dy + start + cols, dy.to(DY.dtype.element_ty), mask=mask)
+    if WRITE_ROW_LOSS:
         tl.store(ROW_LOSS + row, tl.where(ignored, 0.0, total))
 
 
@@ -133,27 +135,30 @@ def divergence_rows(
     dx: torch.Tensor | None = None,
     dy: torch.Tensor | None = None,
 ) -> None:
-    """One program per row of x and y (both (N, V), unit stride along V), in one of three modes:
+    """Over the rows of x and y (both (N, V), unit stride along V), in one pass, what is given:
 
-    - `row_loss` given: each row's summed loss into it, (N,) fp32, 0 on rows whose label is `ignore_index`;
-    - `elements` given: the loss per element into it, (N, V);
-    - otherwise the gradients `dx` and/or `dy` (each (N, V) or None), scaled per row by `scale` ((N,) fp32,
-      stride 0 for one value) or per element by `cotangent` ((N, V)), 0 on ignored rows.
+    - `row_loss`: each row's summed loss, (N,) fp32, 0 on rows whose label is `ignore_index`;
+    - `elements`: the loss per element, (N, V);
+    - `dx` and/or `dy` ((N, V) each): the gradients, scaled per row by `scale` ((N,) fp32, stride 0 for one
+      value) or per element by `cotangent` ((N, V)), 0 on ignored rows.
     """
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return
-    mode = LOSS_ROWS if row_loss is not None else LOSS_ELEMENTS if elements is not None else GRAD
+    with_grad = dx is not None or dy is not None
     # A KL's gradient with respect to its input is -target (or -exp(target)): that pass need not read the input.
-    read_x = mode != GRAD or FORMS[form] == MIXTURE or dy is not None
-    traceable(_divergence_kernel)[(n_rows,)](
+    read_x = row_loss is not None or elements is not None or FORMS[form] == MIXTURE or dy is not None
+    block = min(BLOCK_V, triton.next_power_of_2(n_cols))
+    blocks_per_row = 1 if row_loss is not None else triton.cdiv(n_cols, block)
+    traceable(_divergence_kernel)[(n_rows, blocks_per_row)](
         x, x.stride(0), y, y.stride(0), _dummy_or(labels, x), _dummy_or(row_loss, x),
         _dummy_or(elements, x), _stride(elements), _dummy_or(cotangent, x), _stride(cotangent),
         _dummy_or(scale, x), _stride(scale), _dummy_or(dx, x), _stride(dx), _dummy_or(dy, x), _stride(dy),
         n_cols, beta, ignore_index,
-        FORM=FORMS[form].value, MODE=mode.value, HAS_LABELS=labels is not None,
-        ELEMENT_COTANGENT=cotangent is not None, WRITE_DX=dx is not None, WRITE_DY=dy is not None,
-        READ_X=read_x, BLOCK=min(BLOCK_V, triton.next_power_of_2(n_cols)), num_warps=NUM_WARPS,
+        FORM=FORMS[form].value, HAS_LABELS=labels is not None, WRITE_ROW_LOSS=row_loss is not None,
+        WRITE_ELEMENTS=elements is not None, ELEMENT_COTANGENT=with_grad and cotangent is not None,
+        WRITE_DX=dx is not None, WRITE_DY=dy is not None, READ_X=read_x, BLOCK=block, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
 
 

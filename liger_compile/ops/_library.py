@@ -88,5 +88,9 @@ def scale_precomputed(ctx, op: str, needs, dloss: torch.Tensor) -> list[torch.Te
         fail(op, "backward ran twice through one loss (retain_graph=True); the gradients computed in forward are "
                  "scaled in place by the first")
     ctx.scaled = True
+    grads = ctx.saved_tensors
+    if any(need and grad.shape == (0,) for grad, need in zip(grads, needs)):  # forward's "not computed"
+        fail(op, "backward needs a gradient that forward was told not to compute: call the public op, which "
+                 "tells its forward op which inputs require grad")
     return [None if not need else grad * dloss if is_traced(grad) else grad.mul_(dloss)
-            for grad, need in zip(ctx.saved_tensors, needs)]
+            for grad, need in zip(grads, needs)]

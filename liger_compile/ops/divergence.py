@@ -10,10 +10,15 @@
   ``batchmean`` divides the sum over rows by the number of rows counted, ``mean`` by that times the vocabulary,
   ``sum`` by nothing. The loss is fp32. Temperature is the caller's: these are log-probabilities.
 
-Both are differentiable in both inputs. Forward reads the two inputs once and saves nothing new; backward
-reads them again and writes the gradients asked for in one pass (the gradient of ``F.kl_div`` with respect to
-its input needs only the target, so that pass skips the input). Computing the gradients in forward would save
-one read but needs the loss's cotangent, unknown until backward, so scaling them there would cost a pass more.
+Both are differentiable in both inputs, and make one pass over the inputs forward and one backward:
+
+- the KL's forward reads both inputs for the loss; its backward writes the gradients asked for, reading only
+  the target where the input's gradient is all that is asked (it is -target, or -exp(target)), and takes the
+  loss's cotangent as it comes (elementwise for ``reduction="none"``);
+- the JSD's forward reads both inputs once and writes the loss and the gradients autograd will ask for, for a
+  cotangent of 1 (the mixture's logarithm is the costly part: computed once); backward scales them by the
+  loss's cotangent, in place eagerly, and under torch.compile as a multiply Inductor fuses into what reads the
+  gradient (the log_softmax's backward).
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ import torch.nn.functional as F
 
 from liger_compile.kernels import divergence as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import (
+    as_rows,
+    check_float_tensor,
+    check_same_device,
+    fail,
+    gradient_needs,
+    scale_precomputed,
+)
 
 KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
 JSD_REDUCTIONS = ("batchmean", "mean", "sum")
@@ -81,23 +93,6 @@ def _log_mixture(x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.logaddexp(y + math.log(beta), x + math.log1p(-beta))
 
 
-def _ignored(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
-    return None if labels is None else (labels.reshape(-1) == ignore_index)
-
-
-def loss_rows(x: torch.Tensor, y: torch.Tensor, form: str, beta: float, labels: torch.Tensor | None,
-              ignore_index: int) -> torch.Tensor:
-    """Each row's divergence, fp32 (N,), 0 on ignored rows; x and y (N, V)."""
-    if not can_launch(x):
-        rows = reference_elements(x.float(), y.float(), form, beta).sum(-1)
-        ignored = _ignored(labels, ignore_index)
-        return rows if ignored is None else torch.where(ignored, 0.0, rows)
-    rows = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-    kernels.divergence_rows(x, y, form=form, beta=beta, labels=_contiguous_labels(labels), ignore_index=ignore_index,
-                            row_loss=rows)
-    return rows
-
-
 def loss_elements(x: torch.Tensor, y: torch.Tensor, form: str, dtype: torch.dtype) -> torch.Tensor:
     """The divergence per element of x and y (any one shape), in `dtype`."""
     if not can_launch(x):
@@ -107,25 +102,36 @@ def loss_elements(x: torch.Tensor, y: torch.Tensor, form: str, dtype: torch.dtyp
     return elements
 
 
-def gradients(x: torch.Tensor, y: torch.Tensor, form: str, *, need_x: bool, need_y: bool, beta: float = 0.0,
-              labels: torch.Tensor | None = None, ignore_index: int = -100, row_scale: torch.Tensor | None = None,
-              cotangent: torch.Tensor | None = None):
-    """(dx, dy) for x and y of one shape (None for those not needed): of ``sum(row_scale * rows)`` with one
-    scale per row of the last dim ((N,) fp32, stride 0 for one value), or of ``sum(cotangent * elements)``;
-    rows whose label is `ignore_index` get 0."""
-    per_element = cotangent is not None
-    weights = cotangent if per_element else row_scale
+def divergence(x: torch.Tensor, y: torch.Tensor, form: str, *, beta: float = 0.0,
+               labels: torch.Tensor | None = None, ignore_index: int = -100, with_rows: bool = False,
+               need_x: bool = False, need_y: bool = False, row_scale: torch.Tensor | None = None,
+               cotangent: torch.Tensor | None = None):
+    """For x and y of one shape, rows along the last dim, in one pass: (each row's divergence if `with_rows`,
+    fp32 (N,); dx; dy), None for what is not asked for. The gradients are those of ``sum(row_scale * rows)``
+    (one scale per row, fp32 (N,), stride 0 for one value) or of ``sum(cotangent * elements)``, in x's and y's
+    dtypes. Rows whose label is `ignore_index` get 0 everywhere."""
     if not can_launch(x):
-        return _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_element, need_x, need_y)
+        rows = None
+        if with_rows:
+            rows = reference_elements(x.float(), y.float(), form, beta).sum(-1).reshape(-1)
+            rows = rows if labels is None else torch.where(labels.reshape(-1) == ignore_index, 0.0, rows)
+        weights, per_element = (cotangent, True) if cotangent is not None else (row_scale, False)
+        grads = (None, None)
+        if need_x or need_y:
+            grads = _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_element, need_x, need_y)
+        return rows, *grads
+    columns = x.shape[-1]
+    rows = torch.empty(x.numel() // columns, device=x.device, dtype=torch.float32) if with_rows else None
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
     dy = torch.empty(y.shape, device=y.device, dtype=y.dtype) if need_y else None
-    columns = x.shape[-1]
+    if row_scale is not None and row_scale.stride(0) != 0:
+        row_scale = row_scale.contiguous()
     kernels.divergence_rows(
-        as_rows(x), as_rows(y), form=form, beta=beta, labels=_contiguous_labels(labels), ignore_index=ignore_index,
-        cotangent=as_rows(weights.reshape(x.shape)) if per_element else None,
-        scale=None if per_element else weights if weights.stride(0) == 0 else weights.contiguous(),
+        as_rows(x), as_rows(y), form=form, beta=beta, labels=None if labels is None else labels.reshape(-1).contiguous(),
+        ignore_index=ignore_index, row_loss=rows, scale=row_scale,
+        cotangent=None if cotangent is None else as_rows(cotangent.reshape(x.shape)),
         dx=None if dx is None else dx.view(-1, columns), dy=None if dy is None else dy.view(-1, columns))
-    return dx, dy
+    return rows, dx, dy
 
 
 def reference_derivatives(x: torch.Tensor, y: torch.Tensor, form: str, beta: float):
@@ -147,10 +153,6 @@ def _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_el
         weights = torch.where((labels.reshape(x.shape[:-1]) == ignore_index)[..., None], 0.0, weights)
     return tuple(torch.where(weights == 0, 0.0, derivative * weights).to(t.dtype) if need else None
                  for derivative, t, need in zip(derivatives, (x, y), (need_x, need_y)))
-
-
-def _contiguous_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
-    return None if labels is None else labels.reshape(-1).contiguous()
 
 
 def _empty_unless(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -181,7 +183,7 @@ def _kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
     dtype = torch.promote_types(input.dtype, target.dtype)
     if reduction == "none":
         return loss_elements(input, target, _kl_form(log_target), dtype)
-    total = loss_rows(as_rows(input), as_rows(target), _kl_form(log_target), 0.0, None, 0).sum()
+    total = divergence(input, target, _kl_form(log_target), with_rows=True)[0].sum()
     return (total / _kl_divisor(input, reduction)).to(dtype)
 
 
@@ -201,7 +203,7 @@ def _kl_div_backward(dloss: torch.Tensor, input: torch.Tensor, target: torch.Ten
         options["cotangent"] = dloss
     else:
         options["row_scale"] = (dloss.float() / _kl_divisor(input, reduction)).expand(input.numel() // input.shape[-1])
-    dx, dy = gradients(input, target, _kl_form(log_target), **options)
+    _, dx, dy = divergence(input, target, _kl_form(log_target), **options)
     return _empty_unless(dx, input), _empty_unless(dy, target)
 
 
@@ -263,59 +265,58 @@ def _jsd_sides(student, teacher, beta):
     return (form, student, teacher, True) if student_is_x else (form, teacher, student, False)
 
 
-@torch.library.custom_op("liger::jsd", mutates_args=())
-def _jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: Optional[torch.Tensor] = None,
-         beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
+@torch.library.custom_op("liger::jsd_forward", mutates_args=())
+def _jsd_forward(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: Optional[torch.Tensor],
+                 beta: float, ignore_index: int, reduction: str, student_grad: bool,
+                 teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dstudent_logp, dteacher_logp): the gradients for a cotangent of 1 where asked for (empty tensors
+    otherwise), computed in the loss's pass."""
     _check_jsd(student_logp, teacher_logp, labels, beta, reduction)
-    form, x, y, _ = _jsd_sides(as_rows(student_logp), as_rows(teacher_logp), beta)
-    rows = loss_rows(x, y, form, beta, labels, ignore_index)
-    return rows.sum() / jsd_denominator(labels, x.shape[0], x.shape[1], ignore_index, reduction)
-
-
-@_jsd.register_fake
-def _jsd_fake(student_logp, teacher_logp, labels=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
-    _check_jsd(student_logp, teacher_logp, labels, beta, reduction)
-    return student_logp.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("liger::jsd_backward", mutates_args=())
-def _jsd_backward(dloss: torch.Tensor, student_logp: torch.Tensor, teacher_logp: torch.Tensor,
-                  labels: Optional[torch.Tensor], beta: float, ignore_index: int, reduction: str, student_grad: bool,
-                  teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dstudent_logp, dteacher_logp), empty where not asked for."""
     form, x, y, student_is_x = _jsd_sides(student_logp, teacher_logp, beta)
     n_rows = x.numel() // x.shape[-1]
     denominator = jsd_denominator(labels, n_rows, x.shape[-1], ignore_index, reduction)
-    scale = (dloss.float() / denominator).expand(n_rows)
     need_x, need_y = (student_grad, teacher_grad) if student_is_x else (teacher_grad, student_grad)
-    dx, dy = gradients(x, y, form, need_x=need_x, need_y=need_y, beta=beta, labels=labels,
-                       ignore_index=ignore_index, row_scale=scale)
+    scale = (torch.ones((), device=x.device) / denominator).expand(n_rows) if need_x or need_y else None
+    rows, dx, dy = divergence(x, y, form, beta=beta, labels=labels, ignore_index=ignore_index, with_rows=True,
+                              need_x=need_x, need_y=need_y, row_scale=scale)
     dstudent, dteacher = (dx, dy) if student_is_x else (dy, dx)
-    return _empty_unless(dstudent, student_logp), _empty_unless(dteacher, teacher_logp)
+    return rows.sum() / denominator, _empty_unless(dstudent, student_logp), _empty_unless(dteacher, teacher_logp)
 
 
-@_jsd_backward.register_fake
-def _jsd_backward_fake(dloss, student_logp, teacher_logp, labels, beta, ignore_index, reduction, student_grad,
-                       teacher_grad):
-    return (torch.empty_like(student_logp) if student_grad else student_logp.new_empty(0),
+@_jsd_forward.register_fake
+def _jsd_forward_fake(student_logp, teacher_logp, labels, beta, ignore_index, reduction, student_grad,
+                      teacher_grad):
+    _check_jsd(student_logp, teacher_logp, labels, beta, reduction)
+    return (student_logp.new_empty((), dtype=torch.float32),
+            torch.empty_like(student_logp) if student_grad else student_logp.new_empty(0),
             torch.empty_like(teacher_logp) if teacher_grad else teacher_logp.new_empty(0))
 
 
 def _jsd_setup_context(ctx, inputs, output):
-    student, teacher, labels, beta, ignore_index, reduction = inputs
-    ctx.save_for_backward(student, teacher, labels)
-    ctx.options = (beta, ignore_index, reduction)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero cotangents for the gradient outputs: they are input-sized
+    ctx.save_for_backward(*output[1:])
 
 
-def _jsd_backward_formula(ctx, dloss):
-    student, teacher, labels = ctx.saved_tensors
-    need_student, need_teacher = ctx.needs_input_grad[:2]
-    dstudent, dteacher = torch.ops.liger.jsd_backward(dloss, student, teacher, labels, *ctx.options, need_student,
-                                                      need_teacher)
-    return dstudent if need_student else None, dteacher if need_teacher else None, None, None, None, None
+def _jsd_backward(ctx, dloss, *_unused):
+    if dloss is None:  # the loss itself was not used
+        return (None,) * 8
+    return (*scale_precomputed(ctx, _JSD, ctx.needs_input_grad[:2], dloss), *[None] * 6)
 
 
-_jsd.register_autograd(_jsd_backward_formula, setup_context=_jsd_setup_context)
+_jsd_forward.register_autograd(_jsd_backward, setup_context=_jsd_setup_context)
+
+torch.library.define(
+    "liger::jsd",
+    "(Tensor student_logp, Tensor teacher_logp, Tensor? labels=None, float beta=0.5, int ignore_index=-100, "
+    "str reduction='batchmean') -> Tensor",
+)
+
+
+@torch.library.impl("liger::jsd", "CompositeImplicitAutograd")
+def _jsd(student_logp, teacher_logp, labels=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
+    needs = gradient_needs(student_logp, teacher_logp)
+    return torch.ops.liger.jsd_forward(student_logp, teacher_logp, labels, beta, ignore_index, reduction, *needs)[0]
 
 
 def jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: torch.Tensor | None = None, *,

@@ -32,6 +32,7 @@ from liger_compile.passes.graph import (
     InexactMatch,
     Rewriter,
     canonical,
+    derived,
     find_matches,
     number,
     only_user,
@@ -78,8 +79,8 @@ def _replace(graph: fx.Graph, rewriter: Rewriter, match: _Match) -> None:
     with graph.inserting_before(match.loss):
         rows = match.source
         if match.row_select is not None:
-            rows = _derived(graph, operator.getitem, (rows, match.row_select))
-        rows = _derived(graph, torch.reshape, (rows, (-1, tensor_meta(match.source).shape[-1])))
+            rows = derived(graph, operator.getitem, (rows, match.row_select))
+        rows = derived(graph, torch.reshape, (rows, (-1, tensor_meta(match.source).shape[-1])))
     if match.linear is None:
         args = (rows, match.target, match.class_weight, *options)
         target = _TARGET
@@ -96,15 +97,6 @@ def _replace(graph: fx.Graph, rewriter: Rewriter, match: _Match) -> None:
         new.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
         cast.meta.update(new.meta)
         new.meta["example_value"] = loss_meta.float()
-
-
-def _derived(graph: fx.Graph, function, args: tuple) -> fx.Node:
-    """A new node `function(*args)` with its example value computed from its input's."""
-    node = graph.call_function(function, args)
-    source = tensor_meta(args[0])
-    if source is not None:
-        node.meta["example_value"] = function(source, *args[1:])
-    return node
 
 
 def _match_at(node: fx.Node) -> _Match | None:

@@ -46,6 +46,14 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "linear": ("input", "weight", "bias"),
     "cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
                       "label_smoothing"),
+    "kl_div": ("input", "target", "size_average", "reduce", "reduction", "log_target"),
+    "log_softmax": ("input", "dim", "dtype"),
+    "exp": ("input",),
+    "log": ("input",),
+    "logsumexp": ("input", "dim", "keepdim"),
+    "logaddexp": ("input", "other"),
+    "stack": ("tensors", "dim"),
+    "sum": ("input", "dim", "keepdim", "dtype"),
 }
 
 _FUNCTIONS: dict[Any, str] = {
@@ -73,6 +81,14 @@ _FUNCTIONS: dict[Any, str] = {
     torch.Tensor.contiguous: "contiguous",
     F.linear: "linear",
     F.cross_entropy: "cross_entropy",
+    F.kl_div: "kl_div",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax", torch.Tensor.log_softmax: "log_softmax",
+    torch.exp: "exp", torch.Tensor.exp: "exp",
+    torch.log: "log", torch.Tensor.log: "log",
+    torch.logsumexp: "logsumexp", torch.Tensor.logsumexp: "logsumexp",
+    torch.logaddexp: "logaddexp", torch.Tensor.logaddexp: "logaddexp",
+    torch.stack: "stack",
+    torch.sum: "sum", torch.Tensor.sum: "sum",
 }
 
 _METHODS: dict[str, str] = {
@@ -80,7 +96,8 @@ _METHODS: dict[str, str] = {
     "square": "square", "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "mean": "mean", "var": "var",
     "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
     "type": "cast", "sigmoid": "sigmoid", "tanh": "tanh", "chunk": "chunk", "split": "split",
-    "neg": "neg", "negative": "neg", "contiguous": "contiguous",
+    "neg": "neg", "negative": "neg", "contiguous": "contiguous", "log_softmax": "log_softmax", "exp": "exp",
+    "log": "log", "logsumexp": "logsumexp", "logaddexp": "logaddexp", "sum": "sum",
 }
 
 
@@ -118,6 +135,8 @@ def canonical(node: Any) -> Call | None:
         params["dim"] = params.pop("axis")
     if op == "cast" and not _is_pure_cast(node):
         return None
+    if op == "log_softmax" and node.target is F.log_softmax and len(node.args) > 2:
+        return None  # F.log_softmax's third positional parameter is _stacklevel, its dtype the fourth
     return Call(op, params)
 
 
@@ -151,6 +170,41 @@ def number(arg: Any) -> float | None:
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg)
     return None
+
+
+# What `constant` evaluates: arithmetic on numbers and 0-d tensors made from them.
+_CONSTANT_FUNCTIONS = {
+    torch.tensor, torch.log, torch.exp, torch.log1p, operator.add, operator.sub, operator.mul, operator.truediv,
+    operator.neg,
+}
+_CONSTANT_METHODS = {"log", "exp", "log1p"}
+
+
+def constant(arg: Any) -> float | None:
+    """The value of an operand computed from numbers alone: a Python number, or a 0-d tensor such as
+    ``torch.log(1 - torch.tensor(beta))`` (evaluated as eager would, in its dtype), as losses spell weights."""
+    value = _constant_value(arg)
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.dim() == 0 and value.dtype.is_floating_point else None
+    return number(value)
+
+
+def _constant_value(arg: Any) -> Any:
+    if not isinstance(arg, fx.Node):
+        return arg if number(arg) is not None else None
+    known = (arg.op == "call_function" and arg.target in _CONSTANT_FUNCTIONS) or (
+        arg.op == "call_method" and arg.target in _CONSTANT_METHODS)
+    if not known:
+        return None
+    args = [_constant_value(a) for a in arg.args]
+    if any(a is None for a in args) or any(isinstance(v, fx.Node) for v in arg.kwargs.values()):
+        return None
+    try:
+        if arg.op == "call_method":
+            return getattr(torch.as_tensor(args[0]), arg.target)(*args[1:], **arg.kwargs)
+        return arg.target(*args, **arg.kwargs)
+    except (TypeError, RuntimeError):  # e.g. torch.log of a Python number
+        return None
 
 
 def reduced_dims(dim: Any, ndim: int) -> tuple[int, ...] | None:
@@ -293,6 +347,16 @@ def _copy_meta(source: fx.Node, target: fx.Node) -> None:
     for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in source.meta:
             target.meta[key] = source.meta[key]
+
+
+def derived(graph: fx.Graph, function, args: tuple) -> fx.Node:
+    """A new node `function(*args)` at the graph's insertion point, its example value computed from its first
+    operand's."""
+    node = graph.call_function(function, args)
+    source = tensor_meta(args[0])
+    if source is not None:
+        node.meta["example_value"] = function(source, *args[1:])
+    return node
 
 
 def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:

@@ -1,0 +1,321 @@
+"""Distillation losses: the generalized Jensen-Shannon divergence becomes ``liger::jsd``, or
+``liger::fused_linear_jsd`` when both sides come from an lm_head whose logits nothing else reads; any other
+``F.kl_div`` becomes ``liger::kl_div``.
+
+The JSD is matched as distillation trainers write it: a weighted sum of two ``kl_div(M, X, log_target=True)``
+against one log-mixture M of the student's and teacher's log-probabilities, with M spelled
+
+- ``log(w_t * exp(t) + w_s * exp(s))`` in any arrangement of the weights (``0.5 * (s.exp() + t.exp())``), or
+- ``logsumexp(stack([s + log(w_s), t + log(w_t)]), 0)`` / ``logaddexp(s + log(w_s), t + log(w_t))`` (TRL's
+  GKD trainer, whose weights are 0-d tensors made from beta: constants all the same);
+
+the weights summing to 1, each KL term weighted as its side in M (then the sum is c * JSD with beta = w_t), and
+the KLs reduced by ``sum`` / ``batchmean`` / ``mean``, or unreduced and the weighted sum then summed or averaged
+whole. What follows the JSD (a division by the token count) stays in the graph. The arithmetic must be in fp32:
+an upcast of 16-bit log-probabilities is taken into the op, which reads them as they are.
+
+Fused: each side is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` with one temperature T on both sides, no
+bias, and the teacher's h and W need no gradient.
+
+Near-misses: the JSD arithmetic in 16 bits, KL terms weighted unlike the mixture, a mixture whose weights do
+not sum to 1, and ``kl_div`` with legacy ``size_average`` / ``reduce``, shapes that broadcast, or
+``reduction="none"`` (elementwise: Inductor fuses it with what reads it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from liger_compile.ops._library import FLOAT_DTYPES
+from liger_compile.passes.graph import (
+    InexactMatch,
+    Rewriter,
+    canonical,
+    constant,
+    derived,
+    find_matches,
+    reduced_dims,
+    same_shape,
+    tensor_meta,
+)
+from liger_compile.passes.manager import Recorder
+
+FAMILY = "divergence"
+_KL_DIV = torch.ops.liger.kl_div.default
+_JSD = torch.ops.liger.jsd.default
+_FUSED_JSD = torch.ops.liger.fused_linear_jsd.default
+_SCALAR_REDUCTIONS = ("sum", "mean", "batchmean")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Jsd:
+    final: fx.Node  # the node whose value is scale * JSD
+    teacher: fx.Node  # log-probabilities (or their 16-bit source), the mixture's weight-beta side
+    student: fx.Node
+    beta: float
+    scale: float
+    nodes: list[fx.Node]
+    fused: tuple | None = None  # (student hidden, student weight, teacher hidden, teacher weight, temperature)
+    why_not_fused: str = ""
+    fused_nodes: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class _KlDiv:
+    node: fx.Node
+    input: fx.Node
+    target: fx.Node
+    reduction: str
+    log_target: bool
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [self.node]
+
+
+def apply(graph: fx.Graph, record: Recorder) -> None:
+    rewriter = Rewriter(graph)
+    for match in find_matches(graph, record, _jsd_at):
+        record.rewrite(match.final, "fused linear jsd" if match.fused else f"jsd ({match.why_not_fused})")
+        _replace_jsd(graph, rewriter, match)
+    for match in find_matches(graph, record, _kl_div_at):
+        record.rewrite(match.node, f"kl_div {match.reduction}")
+        rewriter.replace(match.node, _KL_DIV, (match.input, match.target, match.reduction, match.log_target),
+                         match.nodes)
+
+
+def _replace_jsd(graph: fx.Graph, rewriter: Rewriter, match: _Jsd) -> None:
+    if match.fused is None:
+        target, args = _JSD, (match.student, match.teacher, None, match.beta, -100, "sum")
+    else:
+        student_hidden, student_weight, teacher_hidden, teacher_weight, temperature = match.fused
+        with graph.inserting_before(match.final):
+            rows = [derived(graph, torch.reshape, (hidden, (-1, tensor_meta(hidden).shape[-1])))
+                    for hidden in (student_hidden, teacher_hidden)]
+        target = _FUSED_JSD
+        args = (rows[0], student_weight, rows[1], teacher_weight, None, match.beta, -100, temperature, "sum", 0)
+    new = rewriter.replace(match.final, target, args, match.nodes + match.fused_nodes)
+    if match.scale != 1.0:
+        with graph.inserting_after(new):
+            scaled = graph.call_function(torch.mul, (new, match.scale))
+        new.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        scaled.meta.update(new.meta)
+
+
+# --- the JSD -------------------------------------------------------------------------------------------------
+
+def _jsd_at(node: fx.Node) -> _Jsd | None:
+    call = canonical(node)
+    if call is None:
+        return None
+    whole = call.op in ("sum", "mean") and call.get("dim") is None and call.get("dtype") is None
+    if whole:  # the sum or mean of unreduced KL terms
+        terms, offset, interior = _linear_terms(call["input"])
+    elif call.op in ("add", "sub"):
+        terms, offset, interior = _linear_terms(node)
+    else:
+        return None
+    kl_calls = [canonical(term) for term in terms]
+    if len(terms) != 2 or offset != 0 or any(c is None or c.op != "kl_div" for c in kl_calls):
+        return None
+    reductions = {c.get("reduction", "mean") for c in kl_calls}
+    if whole != (reductions == {"none"}):
+        return None  # unreduced terms not yet summed (their sum is matched), or reduced ones summed again
+    mixture = kl_calls[0]["input"]
+    if kl_calls[1]["input"] is not mixture or any(c.get("log_target") is not True for c in kl_calls):
+        return None
+    weights, mixture_nodes = _mixture_weights(mixture)
+    sides = [c["target"] for c in kl_calls]
+    if weights is None or set(weights) != set(sides) or len(sides) != 2 or sides[0] is sides[1]:
+        return None
+    if any(c.get("size_average") is not None or c.get("reduce") is not None for c in kl_calls):
+        raise InexactMatch("kl_div with legacy size_average / reduce arguments")
+    if len(reductions) != 1:
+        raise InexactMatch(f"the two KL terms are reduced differently: {sorted(reductions)}")
+    (first, second), (c_first, c_second) = sides, terms.values()
+    w_first, w_second = weights[first], weights[second]
+    if not (0 < w_first < 1 and math.isclose(w_first + w_second, 1.0, rel_tol=1e-6)):
+        raise InexactMatch(f"the mixture's weights {w_first:g} and {w_second:g} do not sum to 1")
+    if not math.isclose(c_first / w_first, c_second / w_second, rel_tol=1e-6):
+        raise InexactMatch(f"the KL terms' weights ({c_first:g}, {c_second:g}) are not the mixture's "
+                           f"({w_first:g}, {w_second:g}): not a Jensen-Shannon divergence")
+    metas = [tensor_meta(side) for side in sides] + [tensor_meta(mixture)]
+    if any(meta is None for meta in metas):
+        raise InexactMatch("no tensor metadata for the log-probabilities")
+    if not (same_shape(metas[0].shape, metas[1].shape) and same_shape(metas[0].shape, metas[2].shape)):
+        raise InexactMatch("the log-probabilities and the mixture differ in shape (broadcast)")
+    if {meta.dtype for meta in metas} != {torch.float32}:
+        raise InexactMatch(f"the JSD arithmetic is in {metas[2].dtype}; the op computes in fp32")
+    operator_name = call.op if whole else reductions.pop()
+    divisor = _divisor(operator_name, metas[0])
+    teacher, student, beta = first, second, w_first
+    if metas[0].requires_grad and not metas[1].requires_grad:  # the side with a gradient is the student
+        teacher, student, beta = second, first, w_second
+    nodes = [node, *interior, *terms, *mixture_nodes]
+    match = _Jsd(node, teacher, student, beta, c_first / w_first / divisor, nodes)
+    _fuse(match)
+    if match.fused is None:
+        match.teacher, match.student = (_absorb_upcast(side, match.nodes) for side in (teacher, student))
+    return match
+
+
+def _divisor(reduction: str, meta: torch.Tensor) -> float:
+    """What ``kl_div``'s reduction (or ``Tensor.mean``) divides the sum by, from a static shape."""
+    size = {"sum": 1, "batchmean": meta.shape[0] if meta.dim() else 1, "mean": meta.numel()}[reduction]
+    if not isinstance(size, int):
+        raise InexactMatch(f"the {reduction} divides by a dynamic size")
+    return float(size)
+
+
+def _linear_terms(node: fx.Node) -> tuple[dict[fx.Node, float], float, list[fx.Node]]:
+    """`node` as ``sum_i c_i * term_i + offset`` through add, sub, neg and products or quotients by constants:
+    ({term: c}, offset, the add / mul / ... nodes in between)."""
+    call = canonical(node)
+    value = constant(node)
+    if value is not None:
+        return {}, value, []
+    if call is not None and call.op in ("add", "sub") and call.get("alpha", 1) == 1:
+        left, left_offset, left_nodes = _linear_terms(call["input"])
+        right, right_offset, right_nodes = _linear_terms(call["other"])
+        sign = 1.0 if call.op == "add" else -1.0
+        for term, coefficient in right.items():
+            left[term] = left.get(term, 0.0) + sign * coefficient
+        return left, left_offset + sign * right_offset, [node, *left_nodes, *right_nodes]
+    if call is not None and call.op in ("mul", "div", "neg") and call.get("rounding_mode") is None:
+        operands = [call["input"]] if call.op == "neg" else [call["input"], call["other"]]
+        factors = [constant(o) for o in operands]
+        if call.op == "neg":
+            factor, inner = -1.0, operands[0]
+        elif call.op == "div" and factors[1] not in (None, 0.0):
+            factor, inner = 1.0 / factors[1], operands[0]
+        elif call.op == "mul" and (factors[0] is None) != (factors[1] is None):
+            factor, inner = (factors[1], operands[0]) if factors[0] is None else (factors[0], operands[1])
+        else:
+            return {node: 1.0}, 0.0, []
+        if isinstance(inner, fx.Node):
+            terms, offset, nodes = _linear_terms(inner)
+            return {t: c * factor for t, c in terms.items()}, offset * factor, [node, *nodes]
+    return {node: 1.0}, 0.0, []
+
+
+def _mixture_weights(mixture: fx.Node) -> tuple[dict[fx.Node, float] | None, list[fx.Node]]:
+    """({x: w_x}, nodes) when `mixture` is log(sum_x w_x exp(x)) over two log-probability tensors x, in one of the
+    spellings the module docstring lists; (None, []) otherwise."""
+    call = canonical(mixture)
+    if call is None:
+        return None, []
+    if call.op == "log":
+        terms, offset, nodes = _linear_terms(call["input"])
+        exps = {term: canonical(term) for term in terms}
+        if offset != 0 or len(terms) != 2 or any(c is None or c.op != "exp" for c in exps.values()):
+            return None, []
+        return {c["input"]: terms[term] for term, c in exps.items()}, [mixture, *nodes, *terms]
+    if call.op == "logsumexp":
+        stack, stacked = canonical(call["input"]), tensor_meta(call["input"])
+        if (stack is None or stack.op != "stack" or stack.get("dim", 0) != 0 or call.get("keepdim")
+                or stacked is None or call.get("dim") is None or len(stack["tensors"]) != 2
+                or reduced_dims(call["dim"], stacked.dim()) != (0,)):
+            return None, []
+        shifted, nodes = stack["tensors"], [mixture, call["input"]]
+    elif call.op == "logaddexp":
+        shifted, nodes = [call["input"], call["other"]], [mixture]
+    else:
+        return None, []
+    weights = {}
+    for operand in shifted:
+        terms, log_weight, inner = _linear_terms(operand)
+        if len(terms) != 1 or next(iter(terms.values())) != 1.0:
+            return None, []
+        weights[next(iter(terms))] = math.exp(log_weight)
+        nodes.extend(inner)
+    return weights, nodes
+
+
+def _absorb_upcast(side: fx.Node, nodes: list[fx.Node]) -> fx.Node:
+    """The 16-bit tensor `side` upcasts, when the match alone reads the upcast (the op reads 16 bits as they are)."""
+    call = canonical(side)
+    source = tensor_meta(call["input"]) if call is not None and call.op == "cast" else None
+    if source is None or source.dtype not in _HALF_DTYPES or not set(side.users) <= set(nodes):
+        return side
+    nodes.append(side)
+    return call["input"]
+
+
+def _fuse(match: _Jsd) -> None:
+    """Take both sides' lm_heads into the match when the log-probabilities are ``log_softmax(linear(h, W) / T)``
+    that nothing else reads; otherwise say why not."""
+    interior = [n for n in match.nodes if n is not match.final]
+    chains = [_lm_head_chain(side) for side in (match.student, match.teacher)]
+    if any(chain is None for chain in chains):
+        match.why_not_fused = "log-probabilities not made by log_softmax(linear(h, W) [/ T])"
+        return
+    (student_linear, student_t, student_nodes), (teacher_linear, teacher_t, teacher_nodes) = chains
+    absorbed = set(match.nodes) | set(student_nodes) | set(teacher_nodes)
+    if any(not set(n.users) <= absorbed for n in interior + student_nodes + teacher_nodes):
+        match.why_not_fused = "the log-probabilities or logits are also used elsewhere"
+        return
+    if student_t != teacher_t:
+        match.why_not_fused = f"the two sides have different temperatures ({student_t:g}, {teacher_t:g})"
+        return
+    teacher_metas = [tensor_meta(t) for t in teacher_linear]
+    if any(meta.requires_grad for meta in teacher_metas):
+        match.why_not_fused = "the teacher's lm_head input or weight needs a gradient"
+        return
+    if not same_shape(tensor_meta(student_linear[0]).shape[:-1], teacher_metas[0].shape[:-1]):
+        match.why_not_fused = "the student's and teacher's hidden states have different leading dims"
+        return
+    match.fused = (*student_linear, *teacher_linear, student_t)
+    match.fused_nodes = student_nodes + teacher_nodes
+
+
+def _lm_head_chain(side: fx.Node):
+    """((h, W), T, nodes) when `side` is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` in fp32, with no bias."""
+    call = canonical(side)
+    meta = tensor_meta(side)
+    if call is None or call.op != "log_softmax" or meta is None or call.get("dtype") is not None:
+        return None
+    if reduced_dims(call.get("dim"), meta.dim()) != (meta.dim() - 1,) or meta.dtype != torch.float32:
+        return None
+    nodes, node, temperature = [side], call["input"], 1.0
+    step = canonical(node)
+    if step is not None and step.op == "div" and constant(step.get("other")) and step.get("rounding_mode") is None:
+        temperature = constant(step["other"])
+        nodes.append(node)
+        node, step = step["input"], canonical(step["input"])
+    if step is not None and step.op == "cast" and tensor_meta(step["input"]).dtype in _HALF_DTYPES:
+        nodes.append(node)
+        node, step = step["input"], canonical(step["input"])
+    if step is None or step.op != "linear" or step.get("bias") is not None or temperature <= 0:
+        return None
+    hidden, weight = tensor_meta(step["input"]), tensor_meta(step["weight"])
+    if (hidden is None or weight is None or weight.dim() != 2 or hidden.dim() < 1 or hidden.dtype != weight.dtype
+            or hidden.dtype not in FLOAT_DTYPES or not same_shape(hidden.shape[-1:], weight.shape[1:])):
+        return None
+    nodes.append(node)
+    return (step["input"], step["weight"]), temperature, nodes
+
+
+# --- kl_div alone ----------------------------------------------------------------------------------------------
+
+def _kl_div_at(node: fx.Node) -> _KlDiv | None:
+    call = canonical(node)
+    if call is None or call.op != "kl_div":
+        return None
+    if call.get("size_average") is not None or call.get("reduce") is not None:
+        raise InexactMatch("legacy size_average / reduce arguments")
+    reduction, log_target = call.get("reduction", "mean"), call.get("log_target", False)
+    if reduction not in _SCALAR_REDUCTIONS or not isinstance(log_target, bool):
+        raise InexactMatch(f"reduction {reduction!r}: elementwise (or not a constant), left to Inductor")
+    input_meta, target_meta = tensor_meta(call["input"]), tensor_meta(call.get("target"))
+    if input_meta is None or target_meta is None:
+        raise InexactMatch("no tensor metadata for the input or the target")
+    if not same_shape(input_meta.shape, target_meta.shape) or input_meta.dim() == 0:
+        raise InexactMatch(f"input {tuple(input_meta.shape)} and target {tuple(target_meta.shape)} broadcast")
+    if input_meta.dtype not in FLOAT_DTYPES or target_meta.dtype not in FLOAT_DTYPES:
+        raise InexactMatch(f"dtypes {input_meta.dtype} / {target_meta.dtype} are not supported")
+    return _KlDiv(node, call["input"], call["target"], reduction, log_target)
