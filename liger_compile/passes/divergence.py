@@ -274,20 +274,23 @@ def _fuse(match: _Jsd) -> None:
 
 
 def _lm_head_chain(side: fx.Node):
-    """((h, W), T, nodes) when `side` is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` in fp32, with no bias."""
-    call = canonical(side)
+    """((h, W), T, nodes) when `side` is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` in fp32, with no bias
+    (and maybe a ``.float()`` of it that changes nothing)."""
+    nodes, call = [], canonical(side)
+    if call is not None and call.op == "cast" and getattr(tensor_meta(call["input"]), "dtype", None) == torch.float32:
+        nodes, side, call = [side], call["input"], canonical(call["input"])
     meta = tensor_meta(side)
     if call is None or call.op != "log_softmax" or meta is None or call.get("dtype") is not None:
         return None
     if reduced_dims(call.get("dim"), meta.dim()) != (meta.dim() - 1,) or meta.dtype != torch.float32:
         return None
-    nodes, node, temperature = [side], call["input"], 1.0
+    nodes, node, temperature = [*nodes, side], call["input"], 1.0
     step = canonical(node)
     if step is not None and step.op == "div" and constant(step.get("other")) and step.get("rounding_mode") is None:
         temperature = constant(step["other"])
         nodes.append(node)
         node, step = step["input"], canonical(step["input"])
-    if step is not None and step.op == "cast" and tensor_meta(step["input"]).dtype in _HALF_DTYPES:
+    if step is not None and step.op == "cast" and tensor_meta(node).dtype == torch.float32:
         nodes.append(node)
         node, step = step["input"], canonical(step["input"])
     if step is None or step.op != "linear" or step.get("bias") is not None or temperature <= 0:
