@@ -1,0 +1,19 @@
+"""The examples run as documented (few steps): examples/distill.py fuses the JSD with both lm_heads and trains
+the student to eager's losses."""
+
+import importlib.util
+import os
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distill_fuses_the_jsd_and_matches_eager(capsys):
+    assert load("distill").main(["--steps", "2", "--compiler", "aot_eager"]) == 0
+    assert "fused linear jsd" in capsys.readouterr().out
