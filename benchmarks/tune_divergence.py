@@ -1,8 +1,8 @@
 """Sweep the divergence kernels' launch parameters on a GPU; prints the best settings per pass.
 
-Forward is the JSD's row losses (the mixture, the heaviest form) and the KL's; backward the JSD's student
-gradient and the KL's input gradient, at the JSD bar's shape. The constants in
-liger_compile/kernels/divergence.py are read at launch time, so each setting is applied by assigning them.
+Forward: the JSD's loss and student gradient in one pass (the mixture, the heaviest form), and the KL's loss;
+backward: the KL's input gradient; at the JSD bar's shape. The constants in liger_compile/kernels/divergence.py
+are read at launch time, so each setting is applied by assigning them.
 
     python benchmarks/tune_divergence.py [--out DIR]
 """
@@ -30,12 +30,14 @@ def sweep_shape(rows: int, cols: int) -> list[dict]:
     results = []
     for block, warps, stages in itertools.product(*GRID.values()):
         kernels.BLOCK_V, kernels.NUM_WARPS, kernels.NUM_STAGES = block, warps, stages
-        for form, beta in (("mixture", 0.5), ("kl_log_target", 0.0)):
-            for pass_, fn in [("forward", lambda: kernels.divergence_rows(x, y, form=form, beta=beta, row_loss=loss)),
-                              ("backward", lambda: kernels.divergence_rows(x, y, form=form, beta=beta, scale=scale,
-                                                                          dx=dx))]:
-                results.append(dict(form=form, block=block, warps=warps, stages=stages, pass_=pass_, rows=rows,
-                                    cols=cols, ms=bench(fn)))
+        kernels.MIXTURE_BLOCK_V, kernels.MIXTURE_NUM_WARPS, kernels.MIXTURE_NUM_STAGES = block, warps, stages
+        runs = [("mixture", "forward", dict(beta=0.5, row_loss=loss, scale=scale, dx=dx)),
+                ("kl_log_target", "forward", dict(row_loss=loss)),
+                ("kl_log_target", "backward", dict(scale=scale, dx=dx))]
+        for form, pass_, options in runs:
+            ms = bench(lambda: kernels.divergence_rows(x, y, form=form, **options))
+            results.append(dict(form=form, block=block, warps=warps, stages=stages, pass_=pass_, rows=rows,
+                                cols=cols, ms=ms))
     return results
 
 

@@ -34,10 +34,10 @@ FORMS = {"kl_log_target": KL_LOG_TARGET, "kl_prob_target": KL_PROB_TARGET, "mixt
 
 SMALLEST_NORMAL: tl.constexpr = tl.constexpr(1.1754944e-38)  # of fp32
 
-# Columns per step, warps and software-pipelining stages (benchmarks/tune_divergence.py), read at launch.
-BLOCK_V = 8192
-NUM_WARPS = 16
-NUM_STAGES = 2
+# Columns per step, warps and software-pipelining stages (benchmarks/tune_divergence.py on an H100), read at
+# launch: the KLs stream at memory speed with wide steps; the mixture, bound by its exps and log, likes narrower.
+BLOCK_V, NUM_WARPS, NUM_STAGES = 4096, 16, 2
+MIXTURE_BLOCK_V, MIXTURE_NUM_WARPS, MIXTURE_NUM_STAGES = 2048, 8, 1
 
 
 @triton.jit
@@ -147,8 +147,11 @@ def divergence_rows(
         return
     with_grad = dx is not None or dy is not None
     # A KL's gradient with respect to its input is -target (or -exp(target)): that pass need not read the input.
-    read_x = row_loss is not None or elements is not None or FORMS[form] == MIXTURE or dy is not None
-    block = min(BLOCK_V, triton.next_power_of_2(n_cols))
+    read_x = row_loss is not None or elements is not None or dy is not None or FORMS[form] == MIXTURE
+    mixture = FORMS[form] == MIXTURE
+    block_v, num_warps, num_stages = ((MIXTURE_BLOCK_V, MIXTURE_NUM_WARPS, MIXTURE_NUM_STAGES) if mixture
+                                      else (BLOCK_V, NUM_WARPS, NUM_STAGES))
+    block = min(block_v, triton.next_power_of_2(n_cols))
     blocks_per_row = 1 if row_loss is not None else triton.cdiv(n_cols, block)
     traceable(_divergence_kernel)[(n_rows, blocks_per_row)](
         x, x.stride(0), y, y.stride(0), _dummy_or(labels, x), _dummy_or(row_loss, x),
@@ -157,8 +160,8 @@ def divergence_rows(
         n_cols, beta, ignore_index,
         FORM=FORMS[form].value, HAS_LABELS=labels is not None, WRITE_ROW_LOSS=row_loss is not None,
         WRITE_ELEMENTS=elements is not None, ELEMENT_COTANGENT=with_grad and cotangent is not None,
-        WRITE_DX=dx is not None, WRITE_DY=dy is not None, READ_X=read_x, BLOCK=block, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        WRITE_DX=dx is not None, WRITE_DY=dy is not None, READ_X=read_x, BLOCK=block, num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 

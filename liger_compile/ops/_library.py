@@ -77,18 +77,22 @@ def gradient_needs(*tensors: torch.Tensor | None) -> list[bool]:
     return [grad_mode and t is not None and t.requires_grad for t in tensors]
 
 
+def keep_gradients(ctx, grads) -> None:
+    """Keep the gradients forward computed for backward. Not with save_for_backward: backward hands them over
+    to autograd, which then takes a gradient nobody else holds as the leaf's .grad instead of copying it."""
+    ctx.gradients = list(grads)
+
+
 def scale_precomputed(ctx, op: str, needs, dloss: torch.Tensor) -> list[torch.Tensor | None]:
-    """The gradients forward computed for a cotangent of 1 (what `ctx` saved), times the loss's cotangent.
+    """The gradients forward computed for a cotangent of 1 (see `keep_gradients`), times the loss's cotangent.
 
     Eagerly, scaled in place: the gradients belong to this node alone, and a copy of a weight's would cost as much
-    memory as the weight. Traced, out of place (functional), and Inductor then reuses the saved buffer, which
-    backward donates.
+    memory as the weight. Traced, out of place (functional), and Inductor then reuses the buffer.
     """
-    if getattr(ctx, "scaled", False):
+    grads, ctx.gradients = getattr(ctx, "gradients", None), None
+    if grads is None:
         fail(op, "backward ran twice through one loss (retain_graph=True); the gradients computed in forward are "
-                 "scaled in place by the first")
-    ctx.scaled = True
-    grads = ctx.saved_tensors
+                 "handed over by the first")
     if any(need and grad.shape == (0,) for grad, need in zip(grads, needs)):  # forward's "not computed"
         fail(op, "backward needs a gradient that forward was told not to compute: call the public op, which "
                  "tells its forward op which inputs require grad")

@@ -37,6 +37,7 @@ from liger_compile.ops._library import (
     check_same_device,
     fail,
     gradient_needs,
+    keep_gradients,
     scale_precomputed,
 )
 
@@ -295,7 +296,7 @@ def _jsd_forward_fake(student_logp, teacher_logp, labels, beta, ignore_index, re
 def _jsd_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero cotangents for the gradient outputs: they are input-sized
-    ctx.save_for_backward(*output[1:])
+    keep_gradients(ctx, output[1:])
 
 
 def _jsd_backward(ctx, dloss, *_unused):

@@ -31,6 +31,7 @@ from liger_compile.ops._library import (
     chunk_rows_for,
     fail,
     gradient_needs,
+    keep_gradients,
     scale_precomputed,
 )
 from liger_compile.ops.cross_entropy import (
@@ -169,7 +170,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.precomputed = reduction != "none"
     if ctx.precomputed:
-        ctx.save_for_backward(*output[2:])
+        keep_gradients(ctx, output[2:])
     else:
         ctx.save_for_backward(hidden, weight, bias, target, class_weight)
         ctx.options = (ignore_index, label_smoothing, lse_square_scale, softcap, chunk_rows, *needs)

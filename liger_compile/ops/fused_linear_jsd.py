@@ -30,6 +30,7 @@ from liger_compile.ops._library import (
     chunk_rows_for,
     fail,
     gradient_needs,
+    keep_gradients,
     scale_precomputed,
 )
 from liger_compile.ops.divergence import (
@@ -161,7 +162,7 @@ def _forward_fake(student_hidden, student_weight, teacher_hidden, teacher_weight
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero cotangents for the gradient outputs: they are weight-sized
-    ctx.save_for_backward(*output[1:])
+    keep_gradients(ctx, output[1:])
 
 
 def _backward(ctx, dloss, *_unused):
