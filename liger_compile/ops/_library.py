@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from liger_compile.kernels._launch import is_traced
+from liger_compile.kernels._launch import can_launch, is_traced
+from liger_compile.kernels.scale import scale_
 
 NAMESPACE = "liger"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,5 +97,13 @@ def scale_precomputed(ctx, op: str, needs, dloss: torch.Tensor) -> list[torch.Te
     if any(need and grad.shape == (0,) for grad, need in zip(grads, needs)):  # forward's "not computed"
         fail(op, "backward needs a gradient that forward was told not to compute: call the public op, which "
                  "tells its forward op which inputs require grad")
-    return [None if not need else grad * dloss if is_traced(grad) else grad.mul_(dloss)
-            for grad, need in zip(grads, needs)]
+    grads = [grad if need else None for grad, need in zip(grads, needs)]
+    wanted = [grad for grad in grads if grad is not None]
+    if any(is_traced(grad) for grad in wanted):
+        return [None if grad is None else grad * dloss for grad in grads]
+    for grad in wanted:
+        if can_launch(grad) and grad.is_contiguous():
+            scale_(grad, dloss)
+        else:
+            grad.mul_(dloss)
+    return grads
