@@ -67,16 +67,17 @@ def _pointwise(x, y, beta, FORM: tl.constexpr):
 @triton.jit
 def _divergence_kernel(
     X, stride_x, Y, stride_y, LABELS, ROW_LOSS, ELEMENTS, stride_elements, COTANGENT, stride_cotangent,
-    SCALE, stride_scale, DX, stride_dx, DY, stride_dy, n_cols, beta, ignore_index,
+    SCALE, stride_scale, DX, stride_dx, DY, stride_dy, n_cols, blocks_per_row, beta, ignore_index,
     FORM: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_ROW_LOSS: tl.constexpr, WRITE_ELEMENTS: tl.constexpr,
     ELEMENT_COTANGENT: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DY: tl.constexpr, READ_X: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # A row's losses summed need the whole row in one program; otherwise each program takes one block of it
-    # (the grid's second dim), which streams better.
-    row = tl.program_id(0).to(tl.int64)
-    first = tl.program_id(1) * BLOCK
-    step = tl.num_programs(1) * BLOCK
+    # A row's losses summed need the whole row in one program (blocks_per_row 1); otherwise each program takes
+    # one block of a row, which streams better.
+    program = tl.program_id(0).to(tl.int64)
+    row = program // blocks_per_row
+    first = (program % blocks_per_row) * BLOCK
+    step = blocks_per_row * BLOCK
     cols = tl.arange(0, BLOCK)
     x_row, y_row = X + row * stride_x, Y + row * stride_y
     ignored = row < 0  # no row is, without labels
@@ -153,11 +154,11 @@ def divergence_rows(
                                       else (BLOCK_V, NUM_WARPS, NUM_STAGES))
     block = min(block_v, triton.next_power_of_2(n_cols))
     blocks_per_row = 1 if row_loss is not None else triton.cdiv(n_cols, block)
-    traceable(_divergence_kernel)[(n_rows, blocks_per_row)](
+    traceable(_divergence_kernel)[(n_rows * blocks_per_row,)](
         x, x.stride(0), y, y.stride(0), _dummy_or(labels, x), _dummy_or(row_loss, x),
         _dummy_or(elements, x), _stride(elements), _dummy_or(cotangent, x), _stride(cotangent),
         _dummy_or(scale, x), _stride(scale), _dummy_or(dx, x), _stride(dx), _dummy_or(dy, x), _stride(dy),
-        n_cols, beta, ignore_index,
+        n_cols, blocks_per_row, beta, ignore_index,
         FORM=FORMS[form].value, HAS_LABELS=labels is not None, WRITE_ROW_LOSS=row_loss is not None,
         WRITE_ELEMENTS=elements is not None, ELEMENT_COTANGENT=with_grad and cotangent is not None,
         WRITE_DX=dx is not None, WRITE_DY=dy is not None, READ_X=read_x, BLOCK=block, num_warps=num_warps,

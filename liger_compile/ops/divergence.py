@@ -121,17 +121,20 @@ def divergence(x: torch.Tensor, y: torch.Tensor, form: str, *, beta: float = 0.0
         if need_x or need_y:
             grads = _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_element, need_x, need_y)
         return rows, *grads
-    columns = x.shape[-1]
-    rows = torch.empty(x.numel() // columns, device=x.device, dtype=torch.float32) if with_rows else None
+    rows = torch.empty(x.numel() // x.shape[-1], device=x.device, dtype=torch.float32) if with_rows else None
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
     dy = torch.empty(y.shape, device=y.device, dtype=y.dtype) if need_y else None
     if row_scale is not None and row_scale.stride(0) != 0:
         row_scale = row_scale.contiguous()
+    tensors = [as_rows(t) if t is not None else None for t in (x, y, cotangent, dx, dy)]
+    if not with_rows and labels is None and (row_scale is None or row_scale.stride(0) == 0):
+        # Nothing differs between rows: one long row streams as a flat elementwise pass.
+        tensors = [t.reshape(1, -1) if t is not None else None for t in tensors]
+        row_scale = None if row_scale is None else row_scale[:1]
+    x_rows, y_rows, cotangent_rows, dx_rows, dy_rows = tensors
     kernels.divergence_rows(
-        as_rows(x), as_rows(y), form=form, beta=beta, labels=None if labels is None else labels.reshape(-1).contiguous(),
-        ignore_index=ignore_index, row_loss=rows, scale=row_scale,
-        cotangent=None if cotangent is None else as_rows(cotangent.reshape(x.shape)),
-        dx=None if dx is None else dx.view(-1, columns), dy=None if dy is None else dy.view(-1, columns))
+        x_rows, y_rows, form=form, beta=beta, labels=None if labels is None else labels.reshape(-1).contiguous(),
+        ignore_index=ignore_index, row_loss=rows, scale=row_scale, cotangent=cotangent_rows, dx=dx_rows, dy=dy_rows)
     return rows, dx, dy
 
 
