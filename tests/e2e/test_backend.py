@@ -68,7 +68,7 @@ def test_unknown_family_in_the_environment_is_refused(monkeypatch):
 
 def test_inductor_options_pass_through():
     config = resolve({"rms_norm": True, "max_autotune": True})
-    assert config.families == ("layer_norm", "rms_norm", "glu", "rope", "cross_entropy")
+    assert config.families == ("layer_norm", "rms_norm", "glu", "rope", "cross_entropy", "divergence")
     assert config.inductor_options == {"max_autotune": True}
 
 
@@ -117,7 +117,8 @@ def test_optimize_and_explain():
     assert_close(out, module(x))
 
     report = liger_compile.explain(compiled, x)
-    assert report.counts() == {"layer_norm": 0, "rms_norm": 1, "residual_norm": 0, "glu": 0, "rope": 0, "cross_entropy": 0}
+    assert report.counts() == {"layer_norm": 0, "rms_norm": 1, "residual_norm": 0, "glu": 0, "rope": 0,
+                               "cross_entropy": 0, "divergence": 0}
     summary = report.to_dict()
     assert summary["counts"] == report.counts() and summary["near_misses"] == []
     assert summary["rewrites"][0]["variant"] == "torch.rms_norm"
