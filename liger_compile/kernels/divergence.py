@@ -148,8 +148,8 @@ def divergence_rows(
         return
     with_grad = dx is not None or dy is not None
     # A KL's gradient with respect to its input is -target (or -exp(target)): that pass need not read the input.
-    read_x = row_loss is not None or elements is not None or dy is not None or FORMS[form] == MIXTURE
     mixture = FORMS[form] == MIXTURE
+    read_x = row_loss is not None or elements is not None or dy is not None or mixture
     block_v, num_warps, num_stages = ((MIXTURE_BLOCK_V, MIXTURE_NUM_WARPS, MIXTURE_NUM_STAGES) if mixture
                                       else (BLOCK_V, NUM_WARPS, NUM_STAGES))
     block = min(block_v, triton.next_power_of_2(n_cols))

@@ -78,9 +78,18 @@ def gradient_needs(*tensors: torch.Tensor | None) -> list[bool]:
     return [grad_mode and t is not None and t.requires_grad for t in tensors]
 
 
+def gradient_placeholder(like: torch.Tensor, computed: bool) -> torch.Tensor:
+    """What a forward op returns for a gradient, or its fake: `like`'s shape when computed, else an empty tensor
+    (an op output cannot be None)."""
+    return torch.empty_like(like) if computed else like.new_empty(0)
+
+
 def keep_gradients(ctx, grads) -> None:
-    """Keep the gradients forward computed for backward. Not with save_for_backward: backward hands them over
-    to autograd, which then takes a gradient nobody else holds as the leaf's .grad instead of copying it."""
+    """Keep the gradients forward computed (outputs of the op) for backward. Not with save_for_backward: backward
+    hands them over to autograd, which then takes a gradient nobody else holds as the leaf's .grad instead of
+    copying it. They are not differentiable, and get no zero cotangents (they are input- or weight-sized)."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
     ctx.gradients = list(grads)
 
 

@@ -37,6 +37,7 @@ from liger_compile.ops._library import (
     check_same_device,
     fail,
     gradient_needs,
+    gradient_placeholder,
     keep_gradients,
     scale_precomputed,
 )
@@ -159,11 +160,6 @@ def _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_el
                  for derivative, t, need in zip(derivatives, (x, y), (need_x, need_y)))
 
 
-def _empty_unless(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A gradient as a backward op returns it: an op output may not be None, so an empty tensor stands for it."""
-    return grad if grad is not None else like.new_empty(0)
-
-
 # --- KL divergence -------------------------------------------------------------------------------------------
 
 def _kl_form(log_target: bool) -> str:
@@ -208,13 +204,12 @@ def _kl_div_backward(dloss: torch.Tensor, input: torch.Tensor, target: torch.Ten
     else:
         options["row_scale"] = (dloss.float() / _kl_divisor(input, reduction)).expand(input.numel() // input.shape[-1])
     _, dx, dy = divergence(input, target, _kl_form(log_target), **options)
-    return _empty_unless(dx, input), _empty_unless(dy, target)
+    return dx if input_grad else input.new_empty(0), dy if target_grad else target.new_empty(0)
 
 
 @_kl_div_backward.register_fake
 def _kl_div_backward_fake(dloss, input, target, reduction, log_target, input_grad, target_grad):
-    return (torch.empty_like(input) if input_grad else input.new_empty(0),
-            torch.empty_like(target) if target_grad else target.new_empty(0))
+    return gradient_placeholder(input, input_grad), gradient_placeholder(target, target_grad)
 
 
 def _kl_setup_context(ctx, inputs, output):
@@ -284,7 +279,8 @@ def _jsd_forward(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels:
     rows, dx, dy = divergence(x, y, form, beta=beta, labels=labels, ignore_index=ignore_index, with_rows=True,
                               need_x=need_x, need_y=need_y, row_scale=scale)
     dstudent, dteacher = (dx, dy) if student_is_x else (dy, dx)
-    return rows.sum() / denominator, _empty_unless(dstudent, student_logp), _empty_unless(dteacher, teacher_logp)
+    return (rows.sum() / denominator, dstudent if student_grad else student_logp.new_empty(0),
+            dteacher if teacher_grad else teacher_logp.new_empty(0))
 
 
 @_jsd_forward.register_fake
@@ -292,13 +288,10 @@ def _jsd_forward_fake(student_logp, teacher_logp, labels, beta, ignore_index, re
                       teacher_grad):
     _check_jsd(student_logp, teacher_logp, labels, beta, reduction)
     return (student_logp.new_empty((), dtype=torch.float32),
-            torch.empty_like(student_logp) if student_grad else student_logp.new_empty(0),
-            torch.empty_like(teacher_logp) if teacher_grad else teacher_logp.new_empty(0))
+            gradient_placeholder(student_logp, student_grad), gradient_placeholder(teacher_logp, teacher_grad))
 
 
 def _jsd_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero cotangents for the gradient outputs: they are input-sized
     keep_gradients(ctx, output[1:])
 
 

@@ -31,6 +31,7 @@ from liger_compile.ops._library import (
     chunk_rows_for,
     fail,
     gradient_needs,
+    gradient_placeholder,
     keep_gradients,
     scale_precomputed,
 )
@@ -73,8 +74,7 @@ def _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smo
     chunk = chunk_rows_for(_OP, n_rows, n_classes * hidden.dtype.itemsize, chunk_rows)
     rows = hidden.new_empty(n_rows, dtype=torch.float32)
     z_rows = torch.empty_like(rows)
-    grad_hidden = torch.empty_like(hidden) if needs[0] else hidden.new_empty(0)
-    grad_weight = torch.empty_like(weight) if needs[1] else weight.new_empty(0)
+    grad_hidden, grad_weight = gradient_placeholder(hidden, needs[0]), gradient_placeholder(weight, needs[1])
     grad_bias = torch.zeros(n_classes, device=hidden.device, dtype=torch.float32) if needs[2] else None
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
@@ -132,9 +132,9 @@ def _forward_fake(hidden, weight, bias, target, class_weight, ignore_index, redu
     precomputed = reduction != "none"
     loss = hidden.new_empty(loss_shape, dtype=torch.float32)
     return (loss, torch.empty_like(loss),
-            torch.empty_like(hidden) if grad_hidden and precomputed else hidden.new_empty(0),
-            torch.empty_like(weight) if grad_weight and precomputed else weight.new_empty(0),
-            torch.empty_like(bias) if grad_bias and precomputed and bias is not None else hidden.new_empty(0))
+            gradient_placeholder(hidden, grad_hidden and precomputed),
+            gradient_placeholder(weight, grad_weight and precomputed),
+            gradient_placeholder(bias, grad_bias and precomputed) if bias is not None else hidden.new_empty(0))
 
 
 @torch.library.custom_op("liger::fused_linear_cross_entropy_backward", mutates_args=())
@@ -157,9 +157,8 @@ def _backward_op(
 @_backward_op.register_fake
 def _backward_fake(dloss, hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
                    lse_square_scale, softcap, chunk_rows, grad_hidden, grad_weight, grad_bias):
-    return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if grad_weight else weight.new_empty(0),
-            torch.empty_like(bias) if grad_bias and bias is not None else hidden.new_empty(0))
+    return (gradient_placeholder(hidden, grad_hidden), gradient_placeholder(weight, grad_weight),
+            gradient_placeholder(bias, grad_bias) if bias is not None else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -30,6 +30,7 @@ from liger_compile.ops._library import (
     chunk_rows_for,
     fail,
     gradient_needs,
+    gradient_placeholder,
     keep_gradients,
     scale_precomputed,
 )
@@ -94,8 +95,8 @@ def _chunked(student_hidden, student_weight, teacher_hidden, teacher_weight, lab
     chunk = chunk_rows_for(_OP, n_rows, row_bytes, chunk_rows)
     form, student_is_x = jsd_form(beta)
     rows = student_hidden.new_empty(n_rows, dtype=torch.float32)
-    grad_hidden = torch.empty_like(student_hidden) if needs[0] else student_hidden.new_empty(0)
-    grad_weight = torch.empty_like(student_weight) if needs[1] else student_weight.new_empty(0)
+    grad_hidden, grad_weight = gradient_placeholder(student_hidden, needs[0]), gradient_placeholder(student_weight,
+                                                                                                    needs[1])
     labels = None if labels is None else labels.contiguous()
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
@@ -155,13 +156,10 @@ def _forward_fake(student_hidden, student_weight, teacher_hidden, teacher_weight
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, beta, temperature,
                   reduction)
     return (student_hidden.new_empty((), dtype=torch.float32),
-            torch.empty_like(student_hidden) if grad_hidden else student_hidden.new_empty(0),
-            torch.empty_like(student_weight) if grad_weight else student_weight.new_empty(0))
+            gradient_placeholder(student_hidden, grad_hidden), gradient_placeholder(student_weight, grad_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero cotangents for the gradient outputs: they are weight-sized
     keep_gradients(ctx, output[1:])
 
 
