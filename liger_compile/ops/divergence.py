@@ -154,10 +154,11 @@ def reference_derivatives(x: torch.Tensor, y: torch.Tensor, form: str, beta: flo
 def _reference_gradients(x, y, form, beta, labels, ignore_index, weights, per_element, need_x, need_y):
     derivatives = reference_derivatives(x.float(), y.float(), form, beta)
     weights = weights.float().reshape(x.shape) if per_element else weights.float().reshape(x.shape[:-1])[..., None]
+    grads = [derivative * weights if need else None for derivative, need in zip(derivatives, (need_x, need_y))]
     if labels is not None:
-        weights = torch.where((labels.reshape(x.shape[:-1]) == ignore_index)[..., None], 0.0, weights)
-    return tuple(torch.where(weights == 0, 0.0, derivative * weights).to(t.dtype) if need else None
-                 for derivative, t, need in zip(derivatives, (x, y), (need_x, need_y)))
+        ignored = (labels.reshape(x.shape[:-1]) == ignore_index)[..., None]
+        grads = [None if grad is None else torch.where(ignored, 0.0, grad) for grad in grads]
+    return tuple(None if grad is None else grad.to(t.dtype) for grad, t in zip(grads, (x, y)))
 
 
 # --- KL divergence -------------------------------------------------------------------------------------------
