@@ -2,11 +2,14 @@
 
 Rewriting happens on the torch-IR graph Dynamo hands over, before AOTAutograd, so AOTAutograd traces the
 autograd formulas registered for the liger ops and the backward graph calls their backward kernels.
+
+Nothing of ours stops a run: a rewrite family that raises is dropped (see `liger_compile.passes.manager`), and a
+graph whose liger kernels Triton cannot compile is compiled again without rewrites, each with a one-line warning
+(``LIGER_COMPILE_STRICT=1``: an error instead).
 """
 
 from __future__ import annotations
 
-import logging
 import traceback
 from typing import Any, Callable
 
@@ -14,10 +17,9 @@ import torch
 from torch import fx
 
 from liger_compile import config as liger_config
+from liger_compile.ops._library import fall_back, from_triton, one_line
 from liger_compile.passes import FAMILIES, PassFailure, PassResult, run_passes
 from liger_compile.report import publish
-
-log = logging.getLogger("liger_compile")
 
 
 def rewrite(gm: fx.GraphModule, config: liger_config.Config) -> tuple[fx.GraphModule, PassResult]:
@@ -25,9 +27,8 @@ def rewrite(gm: fx.GraphModule, config: liger_config.Config) -> tuple[fx.GraphMo
     try:
         return run_passes(gm, {name: FAMILIES[name] for name in config.families})
     except Exception as error:  # the pass manager itself failed: never take the user's run down with it
-        message = f"{type(error).__name__}: {error}".splitlines()[0]
-        log.warning("liger_compile: rewriting failed (%s); compiling the graph unchanged", message)
-        return gm, PassResult(failures=[PassFailure("*", message, traceback.format_exc())])
+        fall_back(f"rewriting failed ({one_line(error)}); compiling the graph unchanged", error)
+        return gm, PassResult(failures=[PassFailure("*", one_line(error), traceback.format_exc())])
 
 
 def compile_rewritten(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None,
@@ -50,6 +51,16 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     See `liger_compile.config` for `options`; `mode` is Inductor's (``"reduce-overhead"``, ...).
     """
     config = liger_config.resolve(options)
-    rewritten, result = rewrite(gm, config)
+    rewritten, result = rewrite(gm, config)  # a rewritten clone: `gm` stays as it was
     publish(result)
-    return compile_rewritten(rewritten, example_inputs, mode, config)
+    if not result.rewrites:
+        return compile_rewritten(rewritten, example_inputs, mode, config)
+    try:
+        return compile_rewritten(rewritten, example_inputs, mode, config)
+    except Exception as error:
+        if not from_triton(error):
+            raise
+        families = sorted({r.family for r in result.rewrites})
+        fall_back(f"a Triton kernel of the {', '.join(families)} rewrite(s) failed to compile ({one_line(error)}); "
+                  "compiling the graph without rewrites", error)
+        return compile_rewritten(gm, example_inputs, mode, config)

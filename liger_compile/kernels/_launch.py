@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +22,27 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRETER_PROGRAMS = 3
 
 
+_reference_only = threading.local()
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within: `can_launch` is False everywhere, so ops compute with their PyTorch reference (after a kernel of
+    theirs failed to compile)."""
+    previous = getattr(_reference_only, "active", False)
+    _reference_only.active = True
+    try:
+        yield
+    finally:
+        _reference_only.active = previous
+
+
 def can_launch(tensor: torch.Tensor) -> bool:
     """Whether the Triton kernels run on this tensor: on CUDA (eagerly or traced by torch.compile), and on
     real CPU tensors under the interpreter. CPU tensors being traced take the PyTorch reference instead,
     which Inductor compiles for the CPU."""
+    if getattr(_reference_only, "active", False):
+        return False
     if tensor.is_cuda:
         return True
     return INTERPRETING and tensor.device.type == "cpu" and not is_traced(tensor)

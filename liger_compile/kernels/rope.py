@@ -113,10 +113,13 @@ class Layout:
     cos_per_head: bool  # cos varies along the heads dim too, so it is loaded with each tile of heads
 
 
-def layout(cos_shape) -> Layout:
-    """The heads dim is the last leading dim along which 4-D cos has size 1 (dim 1 if there is none)."""
+def layout(cos_shape, differing=()) -> Layout:
+    """The heads dim is the last leading dim along which 4-D cos has size 1 (dim 1 if there is none), preferring
+    one of the `differing` dims, where q and k of a pair have different sizes: with a single position (batch and
+    sequence of 1, as in decoding) cos has size 1 along every leading dim."""
     broadcast = [d for d in range(3) if cos_shape[d] == 1]
-    heads = broadcast[-1] if broadcast else 1
+    preferred = [d for d in broadcast if d in differing]
+    heads = (preferred or broadcast or [1])[-1]
     outer, inner = (d for d in range(3) if d != heads)
     return Layout(outer, inner, heads, cos_per_head=not broadcast)
 
@@ -129,7 +132,7 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
     and k's leading dims; q and k agree on every dim but the heads dim (see `layout`). `backward` applies the
     transposed rotation (to the output gradients, giving the input gradients).
     """
-    lay = layout(cos.shape)
+    lay = layout(cos.shape, () if k is None else [d for d in range(3) if q.shape[d] != k.shape[d]])
     full_cos, full_sin = (t.expand(*q.shape[:3], t.shape[3]) for t in (cos, sin))
     n_outer, n_inner = q.shape[lay.outer], q.shape[lay.inner]
     if n_outer * n_inner == 0:

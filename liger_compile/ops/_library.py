@@ -14,13 +14,91 @@ Real implementations run the Triton kernel where one can launch (CUDA, or the CP
 
 from __future__ import annotations
 
-import torch
+import functools
+import inspect
+import logging
+import math
+import os
+import typing
 
-from liger_compile.kernels._launch import can_launch, is_traced
+import torch
+from triton.compiler.errors import TritonError
+
+from liger_compile.kernels._launch import can_launch, is_traced, reference_only
 from liger_compile.kernels.scale import scale_
 
 NAMESPACE = "liger"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+STRICT_ENV = "LIGER_COMPILE_STRICT"
+
+log = logging.getLogger("liger_compile")
+
+
+def strict() -> bool:
+    """``LIGER_COMPILE_STRICT=1``: what would fall back with a warning (a pass that raises, a kernel that does not
+    compile) raises instead, for CI runs that must not pass on a fallback."""
+    return os.environ.get(STRICT_ENV, "0") == "1"
+
+
+def fall_back(message: str, error: BaseException | None = None) -> None:
+    """Warn that something is skipped for a slower correct path, or raise in strict mode."""
+    if strict():
+        raise RuntimeError(f"liger_compile: {message} ({STRICT_ENV}=1)") from error
+    log.warning("liger_compile: %s", message)
+
+
+def one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip().splitlines()[0]
+
+
+def define_op(name: str, *, traced: bool = True):
+    """Decorator defining op ``liger::<name>`` from its implementation: a `torch.library.triton_op`, whose kernel
+    launches torch.compile traces into its graph, or with ``traced=False`` an opaque `torch.library.custom_op`.
+
+    If a Triton kernel fails to compile (too little shared memory on a GPU, a compiler bug for a shape), the op
+    warns and computes with its PyTorch reference, then and in every later call (a failed compile is retried on
+    every launch, which costs more than the reference).
+    """
+    def decorate(impl):
+        @functools.wraps(impl)
+        def run(*args, **kwargs):
+            if name not in _FAILED_KERNELS:
+                try:
+                    return impl(*args, **kwargs)
+                except Exception as error:
+                    if not from_triton(error):
+                        raise
+                    fall_back(f"a kernel of {NAMESPACE}::{name} failed to compile ({one_line(error)}); "
+                              "computing it with the PyTorch reference from now on", error)
+                    _FAILED_KERNELS.add(name)
+            with reference_only():
+                return impl(*args, **kwargs)
+
+        # The schema is inferred from the signature, whose string annotations would be evaluated in this module.
+        hints = typing.get_type_hints(impl)
+        signature = inspect.signature(impl)
+        run.__signature__ = signature.replace(
+            parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()],
+            return_annotation=hints.get("return", signature.return_annotation))
+        define = torch.library.triton_op if traced else torch.library.custom_op
+        return define(f"{NAMESPACE}::{name}", run, mutates_args=())
+    return decorate
+
+
+_FAILED_KERNELS: set[str] = set()
+
+
+def from_triton(error: BaseException | None) -> bool:
+    """Whether `error`, or one it was raised from, is Triton's (compilation, resources, interpreter)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, TritonError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class LigerOpError(ValueError):
@@ -36,12 +114,71 @@ def check_float_tensor(op: str, name: str, tensor: torch.Tensor) -> None:
         fail(op, f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
 
 
+def check_eps(op: str, eps: float) -> None:
+    if isinstance(eps, torch.SymFloat):  # a float the compiled graph computes: reading it would specialize the graph
+        return
+    if not (math.isfinite(eps) and eps >= 0):
+        fail(op, f"eps must be a finite number >= 0, got {eps}")
+
+
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
         listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
         fail(op, f"all tensors must be on one device, got {listing}")
+
+
+# --- Autocast ---------------------------------------------------------------------------------------------------
+
+# Devices whose autocast the ops follow; autocast dispatches to a device's kernel only while it is enabled there.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+AUTOCAST_POLICIES = ("keep", "lower", "fp32")
+
+
+def register_autocast(qualname: str, policy: str) -> None:
+    """How op `qualname` runs inside ``torch.autocast``; autocast is off inside it in every case, so that the
+    PyTorch ops an implementation calls (matmuls of the fused linear losses, reference paths) compute in the
+    dtypes the op chose, not autocast's:
+
+    - ``"keep"``: inputs as they are (what the arithmetic a rewrite replaces does: elementwise ops are not cast);
+    - ``"lower"`` (``F.linear``'s policy): floating inputs are cast to the autocast dtype, whichever it is;
+    - ``"fp32"`` (``F.kl_div``'s policy, on both CPU and CUDA): 16-bit float inputs are cast to fp32.
+
+    `torch.library.register_autocast` casts to one fixed dtype, which cannot follow the user's choice of fp16 or
+    bf16. Like autocast, this casts only tensors on the autocast's device, and never float64 ones.
+    """
+    if policy not in AUTOCAST_POLICIES:
+        raise ValueError(f"autocast policy must be one of {AUTOCAST_POLICIES}, got {policy!r}")
+    op = getattr(torch.ops.liger, qualname.split("::")[-1]).default
+    for device_type in AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def autocast_kernel(*args, device_type=device_type, excluded=excluded):
+            if policy != "keep":
+                dtype = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
+                args = [_autocast_cast(arg, device_type, dtype) for arg in args]
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*args)
+
+        torch.library.impl(qualname, key, autocast_kernel)
+
+
+def _autocast_cast(arg, device_type: str, dtype: torch.dtype):
+    eligible = (isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.dtype != torch.float64
+                and arg.device.type == device_type)
+    return arg.to(dtype) if eligible else arg
+
+
+def keep_dtypes_under_autocast() -> None:
+    """Register ``"keep"`` for every op with an implementation of its own (not a composite of other liger ops,
+    which autocast passes through to them) that has no autocast policy yet. Run once all ops are defined."""
+    for name in torch._C._dispatch_get_all_op_names():
+        if (name.startswith(f"{NAMESPACE}::")
+                and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+                and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCPU")):
+            register_autocast(name, "keep")
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from liger_compile.kernels import cross_entropy as kernels
 from liger_compile.kernels._launch import can_launch, is_traced
-from liger_compile.ops._library import check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import check_float_tensor, check_same_device, define_op, fail
 
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "cross_entropy"
@@ -195,7 +195,7 @@ def loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     return rows, z, lse
 
 
-@torch.library.triton_op("liger::cross_entropy_forward", mutates_args=())
+@define_op("cross_entropy_forward")
 def _cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
     reduction: str, label_smoothing: float, lse_square_scale: float, softcap: Optional[float],
@@ -208,7 +208,7 @@ def _cross_entropy_forward(
     return reduce_rows(rows, reduction, weight_total) + z, z, lse
 
 
-@torch.library.triton_op("liger::cross_entropy_backward", mutates_args=())
+@define_op("cross_entropy_backward")
 def _cross_entropy_backward(
     dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
     lse: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float,

@@ -35,10 +35,12 @@ from liger_compile.ops._library import (
     as_rows,
     check_float_tensor,
     check_same_device,
+    define_op,
     fail,
     gradient_needs,
     gradient_placeholder,
     keep_gradients,
+    register_autocast,
     scale_precomputed,
 )
 
@@ -177,7 +179,7 @@ def _check_kl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> None
         fail(_KL, f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
 
 
-@torch.library.custom_op("liger::kl_div", mutates_args=())
+@define_op("kl_div", traced=False)
 def _kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
             log_target: bool = False) -> torch.Tensor:
     _check_kl(input, target, reduction)
@@ -195,7 +197,7 @@ def _kl_div_fake(input, target, reduction="mean", log_target=False):
     return input.new_empty(input.shape if reduction == "none" else (), dtype=dtype)
 
 
-@torch.library.custom_op("liger::kl_div_backward", mutates_args=())
+@define_op("kl_div_backward", traced=False)
 def _kl_div_backward(dloss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str,
                      log_target: bool, input_grad: bool, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dinput, dtarget), empty where not asked for."""
@@ -227,6 +229,7 @@ def _kl_backward(ctx, dloss):
 
 
 _kl_div.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+register_autocast("liger::kl_div", "fp32")  # as F.kl_div: fp32 on 16-bit inputs, on CPU and CUDA
 
 
 def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
@@ -265,7 +268,7 @@ def _jsd_sides(student, teacher, beta):
     return (form, student, teacher, True) if student_is_x else (form, teacher, student, False)
 
 
-@torch.library.custom_op("liger::jsd_forward", mutates_args=())
+@define_op("jsd_forward", traced=False)
 def _jsd_forward(student_logp: torch.Tensor, teacher_logp: torch.Tensor, labels: Optional[torch.Tensor],
                  beta: float, ignore_index: int, reduction: str, student_grad: bool,
                  teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,10 +29,12 @@ from liger_compile.ops._library import (
     check_float_tensor,
     check_same_device,
     chunk_rows_for,
+    define_op,
     fail,
     gradient_needs,
     gradient_placeholder,
     keep_gradients,
+    register_autocast,
     scale_precomputed,
 )
 from liger_compile.ops.cross_entropy import (
@@ -100,7 +102,7 @@ def _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smo
     return rows, z_rows, grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("liger::fused_linear_cross_entropy_forward", mutates_args=())
+@define_op("fused_linear_cross_entropy_forward", traced=False)
 def _forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     class_weight: Optional[torch.Tensor], ignore_index: int, reduction: str, label_smoothing: float,
@@ -137,7 +139,7 @@ def _forward_fake(hidden, weight, bias, target, class_weight, ignore_index, redu
             gradient_placeholder(bias, grad_bias and precomputed) if bias is not None else hidden.new_empty(0))
 
 
-@torch.library.custom_op("liger::fused_linear_cross_entropy_backward", mutates_args=())
+@define_op("fused_linear_cross_entropy_backward", traced=False)
 def _backward_op(
     dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     target: torch.Tensor, class_weight: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
@@ -190,6 +192,8 @@ def _backward(ctx, dloss, *_unused):
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
+# the lm_head in autocast's dtype, as F.linear computes it
+register_autocast("liger::fused_linear_cross_entropy_forward", "lower")
 
 torch.library.define(
     "liger::fused_linear_cross_entropy",

@@ -28,10 +28,12 @@ from liger_compile.ops._library import (
     check_float_tensor,
     check_same_device,
     chunk_rows_for,
+    define_op,
     fail,
     gradient_needs,
     gradient_placeholder,
     keep_gradients,
+    register_autocast,
     scale_precomputed,
 )
 from liger_compile.ops.divergence import (
@@ -129,7 +131,7 @@ def _chunked(student_hidden, student_weight, teacher_hidden, teacher_weight, lab
     return rows, grad_hidden, grad_weight
 
 
-@torch.library.custom_op("liger::fused_linear_jsd_forward", mutates_args=())
+@define_op("fused_linear_jsd_forward", traced=False)
 def _forward(
     student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor, labels: Optional[torch.Tensor], beta: float, ignore_index: int,
@@ -174,6 +176,8 @@ def _backward(ctx, dloss, *_unused):
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
+# both lm_heads in autocast's dtype, as F.linear computes them
+register_autocast("liger::fused_linear_jsd_forward", "lower")
 
 torch.library.define(
     "liger::fused_linear_jsd",

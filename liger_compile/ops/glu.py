@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from liger_compile.kernels import glu as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, define_op, fail
 
 ACTIVATIONS = kernels.ACTIVATIONS
 _OP = "gated_activation"
@@ -87,14 +87,14 @@ def _forward(a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
-@torch.library.triton_op("liger::gated_activation", mutates_args=())
+@define_op("gated_activation")
 def _gated_activation(a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
     _check_activation(_OP, activation)
     _check_pair(_OP, a, b)
     return _forward(a, b, activation)
 
 
-@torch.library.triton_op("liger::gated_activation_backward", mutates_args=())
+@define_op("gated_activation_backward")
 def _gated_activation_backward(
     dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +108,13 @@ def _gated_activation_backward(
     return da, db
 
 
-@torch.library.triton_op("liger::gated_activation_packed", mutates_args=())
+@define_op("gated_activation_packed")
 def _gated_activation_packed(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     _check_activation(_PACKED_OP, activation)
     return _forward(*_halves(_PACKED_OP, gate_up), activation)
 
 
-@torch.library.triton_op("liger::gated_activation_packed_backward", mutates_args=())
+@define_op("gated_activation_packed_backward")
 def _gated_activation_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     op = f"{_PACKED_OP}_backward"
     a, b = _halves(op, gate_up)

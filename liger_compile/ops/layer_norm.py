@@ -9,14 +9,21 @@ their own dtypes). Backward needs only x and the fp32 mean and rstd the forward 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import as_rows, check_float_tensor, check_residual, check_same_device, fail
+from liger_compile.ops._library import (
+    as_rows,
+    check_eps,
+    check_float_tensor,
+    check_residual,
+    check_same_device,
+    define_op,
+    fail,
+)
 
 _OP = "layer_norm"
 
@@ -25,8 +32,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     check_float_tensor(_OP, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         fail(_OP, f"x must have a non-empty last dim to normalise over, got shape {tuple(x.shape)}")
-    if not (math.isfinite(eps) and eps >= 0):
-        fail(_OP, f"eps must be a finite number >= 0, got {eps}")
+    check_eps(_OP, eps)
     check_same_device(_OP, x=x, weight=weight, bias=bias)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is None:
@@ -79,7 +85,7 @@ def layer_norm_backward_reference(
     return dx.to(x.dtype), dw, db
 
 
-@torch.library.triton_op("liger::layer_norm_forward", mutates_args=())
+@define_op("layer_norm_forward")
 def _layer_norm_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +99,7 @@ def _layer_norm_forward(
     return kernels.layer_norm_forward(as_rows(x), w, b, eps, shape=x.shape)
 
 
-@torch.library.triton_op("liger::layer_norm_backward", mutates_args=())
+@define_op("layer_norm_backward")
 def _layer_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -155,7 +161,7 @@ def layer_norm(
 
 # --- h = x + residual, then LayerNorm of h: one pass over both operands ------------------------------------
 
-@torch.library.triton_op("liger::add_layer_norm_forward", mutates_args=())
+@define_op("add_layer_norm_forward")
 def _add_layer_norm_forward(
     x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     eps: float

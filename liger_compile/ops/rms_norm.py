@@ -15,14 +15,21 @@ mode       computation                                                output dty
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from liger_compile.kernels import norm as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import as_rows, check_float_tensor, check_residual, check_same_device, fail
+from liger_compile.ops._library import (
+    as_rows,
+    check_eps,
+    check_float_tensor,
+    check_residual,
+    check_same_device,
+    define_op,
+    fail,
+)
 
 CASTING_MODES = kernels.CASTING_MODES
 _OP = "rms_norm"
@@ -40,8 +47,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offs
         fail(_OP, f"x must have a non-empty last dim to normalise over, got shape {tuple(x.shape)}")
     if casting_mode not in CASTING_MODES:
         fail(_OP, f"casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
-    if not (math.isfinite(eps) and eps >= 0):
-        fail(_OP, f"eps must be a finite number >= 0, got {eps}")
+    check_eps(_OP, eps)
     if weight is None:
         if offset != 0.0:
             fail(_OP, f"offset={offset} needs a weight to be added to")
@@ -100,7 +106,7 @@ def rms_norm_backward_reference(
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
-@torch.library.triton_op("liger::rms_norm_forward", mutates_args=())
+@define_op("rms_norm_forward")
 def _rms_norm_forward(
     x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +120,7 @@ def _rms_norm_forward(
     return kernels.rms_norm_forward(as_rows(x), w, eps, offset, casting_mode, out_dtype, shape=x.shape)
 
 
-@torch.library.triton_op("liger::rms_norm_backward", mutates_args=())
+@define_op("rms_norm_backward")
 def _rms_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -181,7 +187,7 @@ def rms_norm(
 
 # --- h = x + residual, then RMSNorm of h: one pass over both operands ------------------------------------------
 
-@torch.library.triton_op("liger::add_rms_norm_forward", mutates_args=())
+@define_op("add_rms_norm_forward")
 def _add_rms_norm_forward(
     x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
     casting_mode: str

@@ -10,7 +10,9 @@ cos and sin are the tensors the model multiplies with, already unsqueezed: they 
 ``x * cos`` (e.g. ``(B, 1, T, D)`` for ``(B, H, T, D)`` heads, ``(B, T, 1, D)`` for ``(B, T, H, D)``), so any
 position ids and any RoPE scaling the model computed are used as they are. Up to 4 dims; any strides.
 
-Each product is rounded to the dtype before the sum, as in eager PyTorch. Backward is the rotation by −sin and
+cos and sin share a dtype, which may differ from x's: the result then has the promoted dtype, as ``x * cos`` has
+(bf16 q and k from an autocast linear times HF's fp32 cos and sin give fp32). Each product is rounded to the
+result's dtype before the sum, as in eager PyTorch, and in backward to x's. Backward is the rotation by −sin and
 saves nothing but cos and sin; cos and sin get no gradient (an error says so if they require one).
 """
 
@@ -20,7 +22,7 @@ import torch
 
 from liger_compile.kernels import rope as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import check_float_tensor, check_same_device, fail
+from liger_compile.ops._library import check_float_tensor, check_same_device, define_op, fail
 
 MAX_DIMS = 4
 
@@ -30,12 +32,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), -1)
 
 
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The PyTorch definition (and the code the rewrite replaces)."""
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The PyTorch definition (and the code the rewrite replaces), each product rounded to `dtype` (default: the
+    promoted one, as eager rounds them; backward rounds to the input's)."""
+    dtype = dtype or result_dtype(x, cos)
     rotary_dim = cos.shape[-1]
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    out = rotated * cos + rotate_half(rotated) * sin
-    return torch.cat((out, passed), -1) if passed.shape[-1] else out
+    out = (rotated * cos).to(dtype) + (rotate_half(rotated) * sin).to(dtype)
+    return torch.cat((out, passed.to(dtype)), -1) if passed.shape[-1] else out
+
+
+def result_dtype(x: torch.Tensor, cos: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, cos.dtype)
 
 
 def transposed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -50,9 +59,11 @@ def _check(op: str, tensors: dict[str, torch.Tensor], cos: torch.Tensor, sin: to
         if not 1 <= t.dim() <= MAX_DIMS:
             fail(op, f"{name} must have 1 to {MAX_DIMS} dims, got shape {tuple(t.shape)}")
     check_same_device(op, **tensors, cos=cos, sin=sin)
-    dtypes = {name: t.dtype for name, t in {**tensors, "cos": cos, "sin": sin}.items()}
+    dtypes = {name: t.dtype for name, t in tensors.items()}
     if len(set(dtypes.values())) > 1:
-        fail(op, f"all tensors must have one dtype, got {dtypes}")
+        fail(op, f"{' and '.join(tensors)} must have one dtype, got {dtypes}")
+    if cos.dtype != sin.dtype:
+        fail(op, f"cos and sin must have one dtype, got {cos.dtype} and {sin.dtype}")
     if cos.shape != sin.shape:
         fail(op, f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
     rotary_dim = cos.shape[-1]
@@ -73,18 +84,21 @@ def _padded(shape) -> tuple:
     return (1,) * (MAX_DIMS - len(shape)) + tuple(shape)
 
 
-def position_sizes(shape, cos_shape) -> tuple:
-    """The sizes of a tensor's two position dims, the leading dims other than the one cos is constant along
-    (see `liger_compile.kernels.rope.layout`): q and k of one rope_pair must agree on them."""
-    layout = kernels.layout(_padded(cos_shape))
-    padded = _padded(shape)
-    return padded[layout.outer], padded[layout.inner]
+def position_sizes(q_shape, k_shape, cos_shape, differing) -> tuple[tuple, tuple]:
+    """The sizes of q's and k's two position dims, the leading dims other than the heads dim (see
+    `liger_compile.kernels.rope.layout`; `differing`: the dims of the unpadded shapes where q and k differ): q and k
+    of one rope_pair must agree on them."""
+    offset = MAX_DIMS - len(q_shape)
+    layout = kernels.layout(_padded(cos_shape), [d + offset for d in differing])
+    return tuple((padded[layout.outer], padded[layout.inner]) for padded in (_padded(q_shape), _padded(k_shape)))
 
 
 def _check_pair_layout(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> None:
     if q.dim() != k.dim() or q.shape[-1] != k.shape[-1]:
         fail(op, f"q {tuple(q.shape)} and k {tuple(k.shape)} must have one number of dims and one head_dim")
-    if position_sizes(q.shape, cos.shape) != position_sizes(k.shape, cos.shape):
+    differing = [d for d in range(q.dim()) if q.shape[d] != k.shape[d]]
+    q_sizes, k_sizes = position_sizes(q.shape, k.shape, cos.shape, differing)
+    if q_sizes != k_sizes:
         fail(op, f"q {tuple(q.shape)} and k {tuple(k.shape)} may differ only in the heads dim, the one along "
                  f"which cos {tuple(cos.shape)} is constant")
 
@@ -103,15 +117,15 @@ def _check_layout(op: str, name: str, layout: list[int], tensor_name: str, t: to
         fail(op, f"{name} must be a permutation of {tensor_name}'s {t.dim()} dims, got {layout}")
 
 
-def _rotate(xs, cos, sin, layouts, backward: bool):
-    """Rotated copies of `xs` (one or two tensors), laid out in memory as `layouts` say, by one kernel launch or
-    the reference."""
-    outs = tuple(torch.empty_permuted(x.shape, layout, dtype=x.dtype, device=x.device)
+def _rotate(xs, cos, sin, layouts, dtype: torch.dtype, backward: bool):
+    """Rotated copies of `xs` (one or two tensors) in `dtype`, laid out in memory as `layouts` say, by one kernel
+    launch or the reference."""
+    outs = tuple(torch.empty_permuted(x.shape, layout, dtype=dtype, device=x.device)
                  for x, layout in zip(xs, layouts))
     if not can_launch(xs[0]):
         sin = transposed_sin(sin) if backward else sin
         for x, out in zip(xs, outs):
-            out.copy_(rope_reference(x, cos, sin))
+            out.copy_(rope_reference(x, cos, sin, dtype))
         return outs
     if cos.stride() != sin.stride():  # the kernel indexes both with one set of strides
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -135,37 +149,40 @@ def _check_no_cos_grad(op: str, cos: torch.Tensor, sin: torch.Tensor) -> None:
 # gradients then, which AOTAutograd would otherwise copy to its traced layout. Input gradients take the
 # inputs' memory layout (passed to the backward ops), so that the backward of ``view(B, T, H, D).transpose(1,
 # 2)`` that made q is free.
-@torch.library.triton_op("liger::rope", mutates_args=())
+@define_op("rope")
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _check("rope", {"x": x}, cos, sin)
-    (out,) = _rotate((x,), cos, sin, [_contiguous(x)], backward=False)
+    (out,) = _rotate((x,), cos, sin, [_contiguous(x)], result_dtype(x, cos), backward=False)
     return out
 
 
-@torch.library.triton_op("liger::rope_backward", mutates_args=())
-def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int]) -> torch.Tensor:
+@define_op("rope_backward")
+def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """dx in `dtype` (x's), laid out as `layout` says."""
     _check("rope_backward", {"dy": dy}, cos, sin)
     _check_layout("rope_backward", "layout", layout, "dy", dy)
-    (dx,) = _rotate((dy,), cos, sin, [layout], backward=True)
+    (dx,) = _rotate((dy,), cos, sin, [layout], dtype, backward=True)
     return dx
 
 
-@torch.library.triton_op("liger::rope_pair", mutates_args=())
+@define_op("rope_pair")
 def _rope_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("rope_pair", {"q": q, "k": k}, cos, sin)
     _check_pair_layout("rope_pair", q, k, cos)
-    return _rotate((q, k), cos, sin, [_contiguous(q), _contiguous(k)], backward=False)
+    return _rotate((q, k), cos, sin, [_contiguous(q), _contiguous(k)], result_dtype(q, cos), backward=False)
 
 
-@torch.library.triton_op("liger::rope_pair_backward", mutates_args=())
+@define_op("rope_pair_backward")
 def _rope_pair_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        q_layout: list[int], k_layout: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                        q_layout: list[int], k_layout: list[int], dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("rope_pair_backward", {"dq": dq, "dk": dk}, cos, sin)
     _check_pair_layout("rope_pair_backward", dq, dk, cos)
     _check_layout("rope_pair_backward", "q_layout", q_layout, "dq", dq)
     _check_layout("rope_pair_backward", "k_layout", k_layout, "dk", dk)
-    return _rotate((dq, dk), cos, sin, [q_layout, k_layout], backward=True)
+    return _rotate((dq, dk), cos, sin, [q_layout, k_layout], dtype, backward=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -173,16 +190,17 @@ def _setup_context(ctx, inputs, output):
     _check_no_cos_grad("rope_pair" if len(rotated) == 2 else "rope", cos, sin)
     ctx.save_for_backward(cos, sin)
     ctx.layouts = [physical_layout(t) for t in rotated]
+    ctx.dtype = rotated[0].dtype
 
 
 def _backward(ctx, dy):
     cos, sin = ctx.saved_tensors
-    return torch.ops.liger.rope_backward(dy, cos, sin, *ctx.layouts), None, None
+    return torch.ops.liger.rope_backward(dy, cos, sin, *ctx.layouts, ctx.dtype), None, None
 
 
 def _pair_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.liger.rope_pair_backward(dq, dk, cos, sin, *ctx.layouts)
+    dq, dk = torch.ops.liger.rope_pair_backward(dq, dk, cos, sin, *ctx.layouts, ctx.dtype)
     return dq, dk, None, None
 
 

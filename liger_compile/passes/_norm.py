@@ -13,6 +13,7 @@ from liger_compile.passes.graph import (
     InexactMatch,
     canonical,
     dtype_of,
+    float_operand,
     number,
     only_user,
     other_operand,
@@ -21,11 +22,8 @@ from liger_compile.passes.graph import (
 )
 
 
-def not_constant(what: str, operand) -> str:
-    if isinstance(operand, fx.Node) and isinstance(operand.meta.get("example_value"), torch.SymFloat):
-        return (f"{what} is a float Dynamo made dynamic (after recompiling with another value), not a constant; "
-                "torch._dynamo.config.specialize_float = True keeps it constant")
-    return f"{what} is not a constant"
+def not_constant(what: str) -> str:
+    return f"{what} is neither a constant nor a float the graph computes"
 
 
 def squared(arg) -> fx.Node | None:
@@ -57,7 +55,8 @@ def same_value(a, b) -> bool:
 def inverse_root(statistic: fx.Node, what: str):
     """Follow `statistic` (the mean square, or the variance) through ``+ eps`` to its inverse square root.
 
-    Returns (root, eps, chain) where `root` is an rsqrt-like node (or the sqrt a division will use) and
+    Returns (root, eps, chain) where `root` is an rsqrt-like node (or the sqrt a division will use), eps a number
+    or a graph float (see `float_operand`), and
     `chain` the nodes after `statistic` up to it; None if the statistic does not feed a square root. `what`
     names the statistic in near-miss reasons.
     """
@@ -65,9 +64,9 @@ def inverse_root(statistic: fx.Node, what: str):
     eps, chain = None, []
     if call is not None and call.op == "add" and call.get("alpha", 1) == 1:
         eps_operand = other_operand(call, statistic)
-        eps = number(eps_operand)
+        eps = float_operand(eps_operand)
         if eps is None:
-            raise InexactMatch(not_constant(f"eps added to {what}", eps_operand))
+            raise InexactMatch(not_constant(f"eps added to {what}"))
         chain.append(node)
         node = only_user(node)
         call = canonical(node)

@@ -31,8 +31,10 @@ from liger_compile.ops.cross_entropy import REDUCTIONS
 from liger_compile.passes.graph import (
     InexactMatch,
     Rewriter,
+    autocast_explicitly,
     canonical,
     derived,
+    dtype_of,
     find_matches,
     number,
     only_user,
@@ -61,6 +63,7 @@ class _Match:
     linear: tuple[fx.Node, fx.Node | None] | None  # (weight, bias) of the fused linear
     why_not_fused: str
     nodes: list[fx.Node] = field(default_factory=list)  # the loss and every node absorbed into it
+    linear_dtype: torch.dtype | None = None  # what the fused linear computed in (autocast's, if it was on)
 
 
 def apply(graph: fx.Graph, record: Recorder) -> None:
@@ -85,7 +88,8 @@ def _replace(graph: fx.Graph, rewriter: Rewriter, match: _Match) -> None:
         args = (rows, match.target, match.class_weight, *options)
         target = _TARGET
     else:
-        weight, bias = match.linear
+        with graph.inserting_before(match.loss):
+            rows, weight, bias = autocast_explicitly(graph, [rows, *match.linear], match.linear_dtype)
         args = (rows, weight, bias, match.target, match.class_weight, *options)
         target = _FUSED_TARGET
     new = rewriter.replace(match.loss, target, args, match.nodes)
@@ -154,10 +158,11 @@ def _absorb_producers(match: _Match, logits: fx.Node) -> None:
             match.nodes.extend([node, tanh])
             node = division  # the softcap's first node: what `step` must feed alone
         elif call is not None and call.op == "linear":
-            if node.kwargs.get("out") is None and _fusable_linear(match, call):
+            if node.kwargs.get("out") is None and _fusable_linear(match, call, node):
                 match.nodes.append(node)
                 match.source = call["input"]
                 match.linear = (call["weight"], call.get("bias"))
+                match.linear_dtype = dtype_of(node)
                 return
             match.why_not_fused = "the linear layer's shapes or dtypes do not fit the fused op"
             break
@@ -219,9 +224,11 @@ def _softcap(node: fx.Node) -> tuple[fx.Node, float, list[fx.Node]] | None:
     return None
 
 
-def _fusable_linear(match: _Match, call) -> bool:
+def _fusable_linear(match: _Match, call, node: fx.Node) -> bool:
     hidden, weight, bias = (tensor_meta(call.get(name)) for name in ("input", "weight", "bias"))
     if hidden is None or weight is None or (call.get("bias") is not None and bias is None):
+        return False
+    if dtype_of(node) not in FLOAT_DTYPES:
         return False
     tensors = [t for t in (hidden, weight, bias) if t is not None]
     return (weight.dim() == 2 and hidden.dim() >= 1 and same_shape(hidden.shape[-1:], weight.shape[1:])

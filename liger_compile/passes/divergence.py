@@ -34,9 +34,11 @@ from liger_compile.ops._library import FLOAT_DTYPES
 from liger_compile.passes.graph import (
     InexactMatch,
     Rewriter,
+    autocast_explicitly,
     canonical,
     constant,
     derived,
+    dtype_of,
     find_matches,
     reduced_dims,
     same_shape,
@@ -72,6 +74,7 @@ class _KlDiv:
     target: fx.Node
     reduction: str
     log_target: bool
+    dtype: torch.dtype  # the result's: fp32 on 16-bit operands under autocast
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -85,20 +88,24 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
         _replace_jsd(graph, rewriter, match)
     for match in find_matches(graph, record, _kl_div_at):
         record.rewrite(match.node, f"kl_div {match.reduction}")
-        rewriter.replace(match.node, _KL_DIV, (match.input, match.target, match.reduction, match.log_target),
-                         match.nodes)
+        with graph.inserting_before(match.node):
+            # autocast computes kl_div in fp32 on 16-bit operands
+            operands = autocast_explicitly(graph, [match.input, match.target], match.dtype)
+        rewriter.replace(match.node, _KL_DIV, (*operands, match.reduction, match.log_target), match.nodes)
 
 
 def _replace_jsd(graph: fx.Graph, rewriter: Rewriter, match: _Jsd) -> None:
     if match.fused is None:
         target, args = _JSD, (match.student, match.teacher, None, match.beta, -100, "sum")
     else:
-        student_hidden, student_weight, teacher_hidden, teacher_weight, temperature = match.fused
+        *lm_heads, temperature = match.fused
+        operands = []
         with graph.inserting_before(match.final):
-            rows = [derived(graph, torch.reshape, (hidden, (-1, tensor_meta(hidden).shape[-1])))
-                    for hidden in (student_hidden, teacher_hidden)]
+            for hidden, weight, dtype in lm_heads:
+                rows = derived(graph, torch.reshape, (hidden, (-1, tensor_meta(hidden).shape[-1])))
+                operands.extend(autocast_explicitly(graph, [rows, weight], dtype))
         target = _FUSED_JSD
-        args = (rows[0], student_weight, rows[1], teacher_weight, None, match.beta, -100, temperature, "sum", 0)
+        args = (*operands, None, match.beta, -100, temperature, "sum", 0)
     new = rewriter.replace(match.final, target, args, match.nodes + match.fused_nodes)
     if match.scale != 1.0:
         with graph.inserting_after(new):
@@ -262,20 +269,20 @@ def _fuse(match: _Jsd) -> None:
     if student_t != teacher_t:
         match.why_not_fused = f"the two sides have different temperatures ({student_t:g}, {teacher_t:g})"
         return
-    teacher_metas = [tensor_meta(t) for t in teacher_linear]
+    teacher_metas = [tensor_meta(t) for t in teacher_linear[:2]]
     if any(meta.requires_grad for meta in teacher_metas):
         match.why_not_fused = "the teacher's lm_head input or weight needs a gradient"
         return
     if not same_shape(tensor_meta(student_linear[0]).shape[:-1], teacher_metas[0].shape[:-1]):
         match.why_not_fused = "the student's and teacher's hidden states have different leading dims"
         return
-    match.fused = (*student_linear, *teacher_linear, student_t)
+    match.fused = (student_linear, teacher_linear, student_t)
     match.fused_nodes = student_nodes + teacher_nodes
 
 
 def _lm_head_chain(side: fx.Node):
-    """((h, W), T, nodes) when `side` is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` in fp32, with no bias
-    (and maybe a ``.float()`` of it that changes nothing)."""
+    """((h, W, the linear's dtype), T, nodes) when `side` is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` in
+    fp32, with no bias (and maybe a ``.float()`` of it that changes nothing)."""
     nodes, call = [], canonical(side)
     if call is not None and call.op == "cast" and getattr(tensor_meta(call["input"]), "dtype", None) == torch.float32:
         nodes, side, call = [side], call["input"], canonical(call["input"])
@@ -297,10 +304,11 @@ def _lm_head_chain(side: fx.Node):
         return None
     hidden, weight = tensor_meta(step["input"]), tensor_meta(step["weight"])
     if (hidden is None or weight is None or weight.dim() != 2 or hidden.dim() < 1 or hidden.dtype != weight.dtype
-            or hidden.dtype not in FLOAT_DTYPES or not same_shape(hidden.shape[-1:], weight.shape[1:])):
+            or hidden.dtype not in FLOAT_DTYPES or not same_shape(hidden.shape[-1:], weight.shape[1:])
+            or dtype_of(node) not in FLOAT_DTYPES):
         return None
     nodes.append(node)
-    return (step["input"], step["weight"]), temperature, nodes
+    return (step["input"], step["weight"], dtype_of(node)), temperature, nodes
 
 
 # --- kl_div alone ----------------------------------------------------------------------------------------------
@@ -321,4 +329,7 @@ def _kl_div_at(node: fx.Node) -> _KlDiv | None:
         raise InexactMatch(f"input {tuple(input_meta.shape)} and target {tuple(target_meta.shape)} broadcast")
     if input_meta.dtype not in FLOAT_DTYPES or target_meta.dtype not in FLOAT_DTYPES:
         raise InexactMatch(f"dtypes {input_meta.dtype} / {target_meta.dtype} are not supported")
-    return _KlDiv(node, call["input"], call["target"], reduction, log_target)
+    dtype = dtype_of(node)
+    if dtype not in (torch.promote_types(input_meta.dtype, target_meta.dtype), torch.float32):
+        raise InexactMatch(f"the result is {dtype} for {input_meta.dtype} / {target_meta.dtype} operands")
+    return _KlDiv(node, call["input"], call["target"], reduction, log_target, dtype)

@@ -172,6 +172,18 @@ def number(arg: Any) -> float | None:
     return None
 
 
+def float_operand(arg: Any) -> float | fx.Node | None:
+    """A float argument for an op: a Python number, or a float the graph computes, which the op then takes as it is
+    (Dynamo makes a float dynamic, a SymFloat read with ``.item()`` from a 0-d input, under ``dynamic=True`` or
+    after recompiling for another value; passed to a custom op, Dynamo then specializes the graph on its value)."""
+    value = number(arg)
+    if value is not None:
+        return value
+    if isinstance(arg, fx.Node) and isinstance(arg.meta.get("example_value"), torch.SymFloat):
+        return arg
+    return None
+
+
 # What `constant` evaluates: arithmetic on numbers and 0-d tensors made from them.
 _CONSTANT_FUNCTIONS = {
     torch.tensor, torch.log, torch.exp, torch.log1p, operator.add, operator.sub, operator.mul, operator.truediv,
@@ -357,6 +369,13 @@ def derived(graph: fx.Graph, function, args: tuple) -> fx.Node:
     if source is not None:
         node.meta["example_value"] = function(source, *args[1:])
     return node
+
+
+def autocast_explicitly(graph: fx.Graph, tensors: Sequence[Any], dtype: torch.dtype) -> list[Any]:
+    """`tensors` (nodes or None) cast to `dtype` where they are of another: the casts autocast made without a
+    trace in the graph when a linear computed in `dtype` from, e.g., fp32 parameters. Made explicit, the op that
+    takes the linear's place computes as it did, whether or not it runs inside the autocast region."""
+    return [t if t is None or dtype_of(t) == dtype else derived(graph, torch.Tensor.to, (t, dtype)) for t in tensors]
 
 
 def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:

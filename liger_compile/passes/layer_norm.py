@@ -39,6 +39,7 @@ from liger_compile.passes.graph import (
     canonical,
     dtype_of,
     find_matches,
+    float_operand,
     number,
     only_user,
     other_operand,
@@ -59,7 +60,7 @@ class _Match:
     x: fx.Node
     weight: fx.Node | None
     bias: fx.Node | None
-    eps: float
+    eps: float | fx.Node  # a number, or a float the graph computes
     variant: str
     nodes: list[fx.Node]  # nodes of this norm alone, erased if left without users
     shared: list[fx.Node] = field(default_factory=list)  # inputs other norms may share (an upcast of x)
@@ -98,9 +99,9 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
     if not isinstance(shape, (list, tuple)) or not same_shape(shape, x_meta.shape[-1:]):
         raise InexactMatch(f"normalized_shape {shape} is not the last dim only ({x_meta.shape[-1]})")
     eps_operand = call.get("eps", _DEFAULT_EPS)
-    eps = number(eps_operand)
+    eps = float_operand(eps_operand)
     if eps is None:
-        raise InexactMatch(not_constant("eps", eps_operand))
+        raise InexactMatch(not_constant("eps"))
     for role, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None:
             check_weight(tensor, x_meta, role)
@@ -167,7 +168,7 @@ def _variance(z: fx.Node, centered: list[fx.Node]) -> tuple[fx.Node, list[fx.Nod
             continue
         biased = _biased(call)
         if biased is None:
-            raise InexactMatch(not_constant("the variance's correction", call.get("correction")))
+            raise InexactMatch(not_constant("the variance's correction"))
         if not biased:
             raise InexactMatch("the variance is unbiased (divides by n - 1); LayerNorm's divides by n")
         _check_last_dim_statistic(call, tensor_meta(z), "the variance")

@@ -3,13 +3,12 @@
 A family is a function ``apply(graph, record)`` that finds its patterns in one `fx.Graph`, rewrites the exact
 ones and records near-misses. The manager works on a clone of the graph module: if a family raises, the
 clone is dropped and the families are run again without it, so a bug in one matcher costs its speed-up,
-never the user's training run.
+never the user's training run (``LIGER_COMPILE_STRICT=1`` raises instead).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,9 +16,8 @@ from typing import Callable
 
 from torch import fx
 
+from liger_compile.ops._library import fall_back, one_line
 from liger_compile.passes.graph import location
-
-log = logging.getLogger("liger_compile")
 
 
 @dataclass(frozen=True)
@@ -125,10 +123,10 @@ def run_passes(gm: fx.GraphModule, families: dict[str, Family]) -> tuple[fx.Grap
         try:
             recorders = _apply_all(candidate, remaining)
         except _FamilyError as failed:
-            message = f"{type(failed.error).__name__}: {failed.error}".splitlines()[0]
+            message = one_line(failed.error)
             trace = "".join(traceback.format_exception(failed.error))
             result.failures.append(PassFailure(failed.family, message, trace))
-            log.warning("liger_compile: the %s rewrite failed (%s); compiling without it", failed.family, message)
+            fall_back(f"the {failed.family} rewrite failed ({message}); compiling without it", failed.error)
             del remaining[failed.family]
             continue
         for module in graph_modules(candidate):

@@ -28,7 +28,7 @@ from liger_compile.passes.graph import (
     canonical,
     find_matches,
     dtype_of,
-    number,
+    float_operand,
     only_user,
     other_operand,
     Rewriter,
@@ -58,7 +58,7 @@ class _Match:
     final: fx.Node  # the node whose value the op computes
     x: fx.Node
     weight: fx.Node | None
-    eps: float
+    eps: float | fx.Node  # a number, or a float the graph computes
     offset: float
     casting_mode: str
     variant: str
@@ -109,9 +109,9 @@ def _match_functional(node: fx.Node, call: Call) -> _Match:
     if not isinstance(shape, (list, tuple)) or not same_shape(shape, x_meta.shape[-1:]):
         raise InexactMatch(f"normalized_shape {shape} is not the last dim ({x_meta.shape[-1]})")
     eps_operand = call.get("eps")
-    eps = torch.finfo(torch.float32).eps if eps_operand is None else number(eps_operand)
+    eps = torch.finfo(torch.float32).eps if eps_operand is None else float_operand(eps_operand)
     if eps is None:
-        raise InexactMatch(not_constant("eps", eps_operand))
+        raise InexactMatch(not_constant("eps"))
     if weight is not None:
         check_weight(weight, x_meta)
     if not _torch_rms_norm_is_gemma_mode():

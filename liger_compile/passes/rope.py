@@ -7,9 +7,10 @@ the sum and of each product. Partial rotary (GPT-NeoX, Phi, StableLM, GLM) is ta
 its other columns through. When two such rotations share their cos and sin (q and k of one attention), one
 ``liger::rope_pair`` launch does both, and the report counts them as one rewrite (variant ``q+k``).
 
-Everything that makes the rewrite exact is checked from node meta: one float dtype for x, cos, sin and every
-intermediate; cos and sin of one shape, with last dim x's, broadcasting against x without enlarging it; and no
-gradient wanted for cos or sin. A rotate_half spelled with the halves the other way round
+Everything that makes the rewrite exact is checked from node meta: float dtypes, one for cos and sin, the
+result's and every product's the promotion of x's and theirs (fp32 for the bf16 q and k an autocast linear makes
+times HF's fp32 cos and sin); cos and sin of one shape, with last dim x's, broadcasting against x without
+enlarging it; and no gradient wanted for cos or sin. A rotate_half spelled with the halves the other way round
 (``cat((x2, -x1))``: the rotation by -sin) and Meta's interleaved ``view_as_complex`` form are reported, not
 rewritten.
 """
@@ -85,7 +86,9 @@ def _pairable(q: _Match, k: _Match, order: dict[fx.Node, int]) -> bool:
     q_meta, k_meta, cos_meta = tensor_meta(q.x), tensor_meta(k.x), tensor_meta(q.cos)
     if q_meta.dim() != k_meta.dim() or q_meta.dtype != k_meta.dtype or q_meta.shape[-1] != k_meta.shape[-1]:
         return False
-    if not same_shape(position_sizes(q_meta.shape, cos_meta.shape), position_sizes(k_meta.shape, cos_meta.shape)):
+    differing = [d for d in range(q_meta.dim()) if not same_shape(q_meta.shape[d:d + 1], k_meta.shape[d:d + 1])]
+    q_sizes, k_sizes = position_sizes(q_meta.shape, k_meta.shape, cos_meta.shape, differing)
+    if not same_shape(q_sizes, k_sizes):
         return False
     earliest = min(order[q.final], order[k.final])
     return all(order[a] < earliest for a in (q.x, k.x, q.cos, q.sin))
@@ -207,9 +210,12 @@ def _check_exact(final: fx.Node, x: fx.Node, cos: fx.Node, sin: fx.Node, nodes: 
     if missing:
         raise InexactMatch(f"no tensor metadata for {', '.join(missing)}")
     x_meta, cos_meta, sin_meta = metas["x"], metas["cos"], metas["sin"]
-    # every intermediate too (a split node's value is a tuple, not a tensor)
-    dtypes = {meta.dtype for meta in [*metas.values(), *map(tensor_meta, nodes)] if meta is not None}
-    if len(dtypes) > 1 or x_meta.dtype not in FLOAT_DTYPES:
+    # x's halves are in x's dtype, products and sums in the promoted one (16-bit q and k times fp32 cos and sin,
+    # under autocast); every intermediate is one of the two (a split node's value is a tuple, not a tensor)
+    promoted = torch.promote_types(x_meta.dtype, cos_meta.dtype)
+    dtypes = {meta.dtype for meta in map(tensor_meta, nodes) if meta is not None}
+    if (x_meta.dtype not in FLOAT_DTYPES or cos_meta.dtype not in FLOAT_DTYPES or sin_meta.dtype != cos_meta.dtype
+            or metas["result"].dtype != promoted or not dtypes <= {x_meta.dtype, promoted}):
         raise InexactMatch(f"dtypes differ or are not supported: x {x_meta.dtype}, cos {cos_meta.dtype}, "
                            f"sin {sin_meta.dtype}, result {metas['result'].dtype}")
     if x_meta.dim() > MAX_DIMS or cos_meta.dim() > x_meta.dim():
@@ -254,7 +260,7 @@ def _widen_to_partial(match: _Match) -> _Match:
             and passed.args[0] is source):
         return match
     if (_last_dim_slice(passed.args[1], source_meta.shape) != (rotary_dim, source_meta.shape[-1])
-            or cat_meta.dtype != source_meta.dtype):
+            or cat_meta.dtype != torch.promote_types(source_meta.dtype, tensor_meta(match.final).dtype)):
         return match
     return _Match(cat, source, match.cos, match.sin, True, match.nodes + [cat, passed, match.x])
 

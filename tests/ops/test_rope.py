@@ -76,6 +76,19 @@ def test_pair_matches_eager(op_path, head_dim, rotary_dim, dtype, heads_first):
     assert q.grad.stride() == q.stride() and k.grad.stride() == k.stride()  # free to flow back through the view
 
 
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (80, 40)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_heads_with_fp32_cos_give_fp32(op_path, head_dim, rotary_dim, dtype):
+    """HF under autocast with fp32 parameters: q and k from a bf16 linear, cos and sin fp32 (as the hidden states
+    are). Eager promotes to fp32; backward rounds each product to the heads' dtype, as autograd does."""
+    q, k = qk(2, 4, 2, 7, head_dim, dtype, heads_first=True)
+    cos, sin = (t.unsqueeze(1) for t in cos_sin(random_positions(2, 7), rotary_dim, torch.float32))
+    out_q, out_k = torch.ops.liger.rope_pair(q, k, cos, sin)
+    assert out_q.dtype == out_k.dtype == torch.float32
+    check_against_eager(q, k, cos, sin, out_q, out_k)
+    assert q.grad.dtype == k.grad.dtype == dtype
+
+
 @pytest.mark.parametrize("cos_shape", [(1, 1, 5, 32), (5, 32), (2, 3, 5, 32)], ids=["batch-shared", "2-D", "per-head"])
 def test_single_tensor_with_any_broadcast_of_cos(op_path, cos_shape):
     q, _ = qk(2, 3, 1, 5, 32, torch.float32, heads_first=True, seed=1)
@@ -89,6 +102,16 @@ def test_single_tensor_with_any_broadcast_of_cos(op_path, cos_shape):
     expected.backward(dy)
     assert_close(out, expected)
     assert_close(q.grad, q_ref.grad)
+
+
+@pytest.mark.parametrize("heads_first", [True, False], ids=["BHTD", "BTHD"])
+def test_pair_with_a_single_position(op_path, heads_first):
+    """Decoding one token of one sequence: cos has size 1 along every leading dim, and q and k (GQA) differ only
+    in their heads, which is how the op tells the heads dim."""
+    q, k = qk(1, 4, 2, 1, 64, torch.float32, heads_first)
+    cos, sin = cos_sin(random_positions(1, 1), 64, torch.float32)
+    cos, sin = cos.unsqueeze(1 if heads_first else 2), sin.unsqueeze(1 if heads_first else 2)
+    check_against_eager(q, k, cos, sin, *torch.ops.liger.rope_pair(q, k, cos, sin))
 
 
 def test_lower_dims_and_one_gradient_of_the_pair(op_path):
@@ -106,6 +129,16 @@ def test_lower_dims_and_one_gradient_of_the_pair(op_path):
 SAMPLES = [(torch.float32, True, 32), (torch.bfloat16, False, 32), (torch.float16, True, 16)]
 
 
+def test_opcheck_with_fp32_cos(op_path):
+    if op_path == "kernel" and DEVICE == "cpu":
+        pytest.skip("see test_opcheck")
+    q, k = qk(2, 4, 2, 5, 32, torch.bfloat16, heads_first=True)
+    cos, sin = (t.unsqueeze(1) for t in cos_sin(random_positions(2, 5), 16, torch.float32))
+    opcheck(torch.ops.liger.rope_pair.default, (q, k, cos, sin))
+    opcheck(torch.ops.liger.rope_backward.default, (torch.randn_like(q, dtype=torch.float32), cos, sin,
+                                                    [0, 2, 1, 3], torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype,heads_first,rotary_dim", SAMPLES)
 def test_opcheck(op_path, dtype, heads_first, rotary_dim):
     if op_path == "kernel" and DEVICE == "cpu":
@@ -117,9 +150,9 @@ def test_opcheck(op_path, dtype, heads_first, rotary_dim):
     opcheck(torch.ops.liger.rope.default, (q, cos, sin))
     opcheck(torch.ops.liger.rope_pair.default, (q, k, cos, sin))
     layout = [0, 2, 1, 3] if heads_first else [0, 1, 2, 3]  # (B, T, H, D) in memory, as q
-    opcheck(torch.ops.liger.rope_backward.default, (torch.randn_like(q), cos, sin, layout))
+    opcheck(torch.ops.liger.rope_backward.default, (torch.randn_like(q), cos, sin, layout, dtype))
     opcheck(torch.ops.liger.rope_pair_backward.default,
-            (torch.randn_like(q), torch.randn_like(k), cos, sin, layout, [3, 2, 1, 0]))
+            (torch.randn_like(q), torch.randn_like(k), cos, sin, layout, [3, 2, 1, 0], dtype))
 
 
 def test_compiles_with_dynamic_shapes_without_recompiling():
@@ -158,15 +191,18 @@ def _tensors(*shapes, dtype=torch.float32):
      r"liger::rope: cos/sin \(2, 1, 5, 16\) must broadcast to x's leading dims \(2, 3, 4\)"),
     (lambda: torch.ops.liger.rope(*_tensors((2, 3, 4, 16), (3, 4, 16), (3, 4, 16), dtype=torch.int64)),
      "liger::rope: x must be float32, float16 or bfloat16"),
-    (lambda: torch.ops.liger.rope(torch.ones(2, 3, 4, 16), *_tensors((4, 16), (4, 16), dtype=torch.bfloat16)),
-     "liger::rope: all tensors must have one dtype"),
+    (lambda: torch.ops.liger.rope(torch.ones(2, 3, 4, 16), torch.ones(4, 16), torch.ones(4, 16, dtype=torch.half)),
+     "liger::rope: cos and sin must have one dtype, got torch.float32 and torch.float16"),
+    (lambda: torch.ops.liger.rope_pair(torch.ones(2, 3, 4, 16), torch.ones(2, 3, 4, 16, dtype=torch.half),
+                                       *_tensors((4, 16), (4, 16))),
+     "liger::rope_pair: q and k must have one dtype"),
     (lambda: torch.ops.liger.rope(*_tensors((1, 2, 3, 4, 16), (4, 16), (4, 16))),
      r"liger::rope: x must have 1 to 4 dims"),
     (lambda: torch.ops.liger.rope_pair(*_tensors((2, 4, 5, 16), (3, 2, 5, 16), (2, 1, 5, 16), (2, 1, 5, 16))),
      r"liger::rope_pair: cos/sin \(2, 1, 5, 16\) must broadcast to k's leading dims"),
-    (lambda: torch.ops.liger.rope_pair(*_tensors((2, 4, 5, 16), (1, 4, 5, 16), (1, 1, 5, 16), (1, 1, 5, 16))),
-     r"liger::rope_pair: q \(2, 4, 5, 16\) and k \(1, 4, 5, 16\) may differ only in the heads dim"),
-    (lambda: torch.ops.liger.rope_backward(*_tensors((2, 3, 4, 16), (4, 16), (4, 16)), [0, 1, 2]),
+    (lambda: torch.ops.liger.rope_pair(*_tensors((2, 4, 5, 16), (1, 2, 5, 16), (1, 1, 5, 16), (1, 1, 5, 16))),
+     r"liger::rope_pair: q \(2, 4, 5, 16\) and k \(1, 2, 5, 16\) may differ only in the heads dim"),
+    (lambda: torch.ops.liger.rope_backward(*_tensors((2, 3, 4, 16), (4, 16), (4, 16)), [0, 1, 2], torch.float32),
      r"liger::rope_backward: layout must be a permutation of dy's 4 dims, got \[0, 1, 2\]"),
     (lambda: torch.ops.liger.rope(torch.ones(2, 3, 4, 16, requires_grad=True), torch.ones(4, 16, requires_grad=True),
                                   torch.ones(4, 16)),

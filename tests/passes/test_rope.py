@@ -101,6 +101,17 @@ def test_bf16_matches_eager_rounding():
     check_rewrite(RotaryAttentionInputs(llama_rope), 1, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("apply,rotary_dim,variant", [(llama_rope, HEAD_DIM, "q+k"),
+                                                       (phi3_partial_rope, HEAD_DIM // 2, "q+k partial")],
+                         ids=["full", "partial"])
+def test_bf16_heads_with_fp32_cos_promote_as_eager(apply, rotary_dim, variant):
+    """As under autocast with fp32 parameters: bf16 q and k, fp32 cos and sin, fp32 results."""
+    def fp32_cos(q, k, cos, sin, unsqueeze_dim):
+        return apply(q, k, cos.float(), sin.float(), unsqueeze_dim)
+    report = check_rewrite(RotaryAttentionInputs(fp32_cos, rotary_dim=rotary_dim), 1, dtype=torch.bfloat16)
+    assert [r.variant for r in report.rewrites] == [variant]
+
+
 def test_q_alone_and_separately_unsqueezed_cos_give_single_ops():
     def q_only(q, k, cos, sin, unsqueeze_dim):
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
