@@ -23,8 +23,8 @@ def log_probabilities(shape, dtype=torch.float32, seed=0, scale=1.0):
 
 
 def eager_jsd(student, teacher, labels=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
-    """The generalized JSD as TRL's GKD trainer computes it (in fp32)."""
-    student, teacher = student.float(), teacher.float()
+    """The generalized JSD as TRL's GKD trainer computes it (in fp32, or float64 for float64 inputs)."""
+    student, teacher = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (student, teacher))
     if beta == 0:
         elements = F.kl_div(student, teacher, reduction="none", log_target=True)
     elif beta == 1:
