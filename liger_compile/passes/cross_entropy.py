@@ -6,8 +6,8 @@ hand-written losses put between the lm_head and the loss, taking into the op eac
 else reads:
 
 - ``view(-1, V)`` / ``reshape`` / ``flatten`` that merge the leading dims (rows stay rows), ``.contiguous()``;
-- one row selection on the N-D logits, e.g. ``logits[..., :-1, :]`` (the older HF shift), whose last-dim index
-  is a full slice;
+- one row selection on the N-D logits, e.g. ``logits[..., :-1, :]`` (the older HF shift) or ``logits[:, :-1]``,
+  whose last-dim index is a full slice or absent;
 - ``.float()`` / ``.to(float32)`` of lower-precision logits (the op computes in fp32 anyway);
 - final-logit softcapping ``tanh(x / c) * c`` (Gemma 2 and 3), in the logits' own dtype;
 - the ``F.linear`` (``nn.Linear``) that made the logits: the fused path.
@@ -194,7 +194,9 @@ def _selects_rows(node: fx.Node) -> bool:
     if source is None or result is None or not isinstance(index, tuple) or not index:
         return False
     basic = all(isinstance(i, slice) or i is Ellipsis for i in index)
-    full_last = index[-1] == slice(None) and (Ellipsis in index or len(index) == source.dim())
+    # the last dim is whole if indexed by ``:``, or not indexed at all (``logits[:, :-1]`` of 3-D logits)
+    full_last = (index[-1] == slice(None) and (Ellipsis in index or len(index) == source.dim())) or (
+        Ellipsis not in index and len(index) < source.dim())
     return basic and full_last and result.dim() == source.dim()
 
 

@@ -46,6 +46,10 @@ def old_shift(logits, labels):  # logits[..., :-1, :] with labels[..., 1:]
     return nn.CrossEntropyLoss()(shift_logits.view(-1, VOCAB), shift_labels.view(-1))
 
 
+def short_index_shift(logits, labels):  # logits[:, :-1]: the last dim not indexed at all
+    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), labels[:, 1:].reshape(-1))
+
+
 def softcapped(logits, labels):  # Gemma 2's final_logit_softcapping before the loss
     logits = torch.tanh(logits / 30.0) * 30.0
     return hf_causal_lm_loss(logits, labels)
@@ -56,6 +60,7 @@ SPELLINGS = {
     "hf_for_causal_lm_loss": (hf_causal_lm_loss, "fused linear"),
     "num_items_in_batch": (hf_loss_with_items, "fused linear"),
     "old_shift": (old_shift, "fused linear"),
+    "short_index_shift": (short_index_shift, "fused linear"),
     "softcap": (softcapped, "fused linear softcap"),
     "flatten": (lambda l, y: F.cross_entropy(l.flatten(0, 1), y.flatten(), reduction="none"), "fused linear"),
     "nn_module_options": (lambda l, y: nn.CrossEntropyLoss(weight=CLASS_WEIGHT.to(l.device), ignore_index=3,
