@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,7 +14,8 @@ from liger_compile.report import Report, collect
 
 
 def optimize(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | None = None,
-             fullgraph: bool = False, keep_logits: bool = False, **options: Any) -> torch.nn.Module:
+             fullgraph: bool = False, keep_logits: bool = False, inplace: bool = False,
+             **options: Any) -> torch.nn.Module:
     """``torch.compile(model, backend="liger")`` with `options` (see `liger_compile.config`) checked now.
 
     Unlike ``torch.compile``, `mode` and `options` may be given together.
@@ -23,21 +24,35 @@ def optimize(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool |
     a loss, its logits are dropped from the output (``output.logits`` is None) inside the compiled region, so
     the lm_head and the loss fuse and the (tokens x vocab) logits are never materialised. `keep_logits=True`
     returns them (the loss is then computed from the materialised logits). Evaluation mode always keeps them.
+
+    `inplace=True` compiles `model` itself (``model.compile``) and returns it: it keeps its class, so code that
+    inspects the class (HF's ``Trainer`` finds the label names in its ``forward``) and its ``state_dict`` keys
+    (no ``_orig_mod.`` prefix) see the model as it was.
     """
     liger_config.resolve(options)
     backend = functools.partial(liger_backend, mode=mode, options=options)
+    if inplace:
+        if not keep_logits:
+            model.forward = _without_training_logits(model, model.forward)
+        model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        return model
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     if not keep_logits:
-        compiled.forward = compiled.dynamo_ctx(functools.partial(_without_training_logits, model))
+        compiled.forward = compiled.dynamo_ctx(_without_training_logits(model, model))
     return compiled
 
 
-def _without_training_logits(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    output = model(*args, **kwargs)
-    if not (model.training and isinstance(output, Mapping) and output.get("loss") is not None
-            and output.get("logits") is not None):
-        return output
-    return type(output)(**{key: value for key, value in output.items() if key != "logits"})
+def _without_training_logits(model: torch.nn.Module, call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` (the model, or its forward), its training outputs with a loss returned without logits. It has
+    forward's signature, which trainers read (HF's Trainer drops the dataset columns forward does not name)."""
+    @functools.wraps(model.forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        output = call(*args, **kwargs)
+        if not (model.training and isinstance(output, Mapping) and output.get("loss") is not None
+                and output.get("logits") is not None):
+            return output
+        return type(output)(**{key: value for key, value in output.items() if key != "logits"})
+    return forward
 
 
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
