@@ -56,8 +56,10 @@ def test_trainer_with_an_optimized_model_trains_evaluates_and_saves_as_eager(tmp
     torch.testing.assert_close(losses, expected_losses, rtol=1e-4, atol=1e-5)
     assert eval_loss == pytest.approx(expected_eval_loss, rel=1e-4)  # evaluation found the labels
     assert saved.keys() == expected_saved.keys()  # no `_orig_mod.` prefix
+    # AdamW's normalized steps make rounding-level differences of near-zero gradients up to lr-sized (1e-2):
+    # 5% of one step over 3 steps still catches a real divergence, which the losses above would show anyway
     for name, tensor in saved.items():
-        assert_close(tensor, expected_saved[name], rtol=1e-3, atol=1e-4)
+        assert_close(tensor, expected_saved[name], rtol=1e-3, atol=5e-4)
 
 
 def test_optimize_keeps_forwards_signature():
