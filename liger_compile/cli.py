@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -18,15 +19,22 @@ from liger_compile.report import collect
 _PARITY = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def tiny_model(model_type: str = "llama", *, large: bool = False) -> torch.nn.Module:
-    """A causal LM from a transformers config with random weights and dropout off (`large`: GPU-sized)."""
+def tiny_model(source: str = "llama", *, large: bool = False) -> torch.nn.Module:
+    """A causal LM with random weights and dropout off (`large`: GPU-sized), from a transformers model_type or a
+    local directory holding a ``config.json``: that config, every option kept, at a tiny size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     sizes = (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000) if large else
              dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512))
-    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, **sizes)
+    if os.path.isdir(source):
+        config = AutoConfig.from_pretrained(source)
+        if getattr(config, "head_dim", None) is not None:  # set explicitly by e.g. Qwen3 and Gemma configs
+            sizes["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
+        config.update({"max_position_embeddings": 4096, **sizes})
+    else:
+        config = AutoConfig.for_model(source, max_position_embeddings=4096, **sizes)
     for name, value in vars(config).items():
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
             setattr(config, name, 0.0)
@@ -102,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     run_demo.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
                           help="what compiles the graph after the rewrites (aot_eager: no codegen, quicker)")
     run_explain = commands.add_parser("explain", help="print the rewrite report for a tiny transformers model")
-    run_explain.add_argument("model_type", nargs="?", default="llama", help="a transformers model_type")
+    run_explain.add_argument("model", nargs="?", default="llama",
+                             help="a transformers model_type, or a directory with a config.json (its model, shrunk)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         return demo(args.steps, args.compiler)
-    model = tiny_model(args.model_type).train()
+    model = tiny_model(args.model).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     print(explain(model, input_ids=ids, labels=ids))
     return 0

@@ -87,3 +87,15 @@ def test_auto_model_for_causal_lm_one_liner(constructor, tmp_path):
         loss = optimized(input_ids=ids, labels=ids).loss
     assert_close(loss, model(input_ids=ids, labels=ids).loss)
     assert report.counts()["rms_norm"] == 9 and report.counts()["cross_entropy"] == 1, str(report)
+
+
+def test_explain_a_config_directory(tmp_path, capsys):
+    """A checkpoint's config.json, shrunk: Qwen3's explicit head_dim and q/k norms survive the shrinking."""
+    from transformers import AutoConfig
+
+    from liger_compile.cli import main
+
+    AutoConfig.for_model("qwen3", hidden_size=2048, num_hidden_layers=28, head_dim=128).save_pretrained(tmp_path)
+    assert main(["explain", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "rms_norm                 9" in printed and "rope                     2" in printed, printed
