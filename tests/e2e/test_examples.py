@@ -1,5 +1,5 @@
 """The examples run as documented (few steps): examples/distill.py fuses the JSD with both lm_heads and trains
-the student to eager's losses."""
+the student to eager's losses; examples/hf_trainer.py trains, evaluates and saves through HF's Trainer."""
 
 import importlib.util
 import os
@@ -17,3 +17,8 @@ def load(name: str):
 def test_distill_fuses_the_jsd_and_matches_eager(capsys):
     assert load("distill").main(["--steps", "2", "--compiler", "aot_eager"]) == 0
     assert "fused linear jsd" in capsys.readouterr().out
+
+
+def test_hf_trainer_trains_with_the_fused_loss(capsys):
+    assert load("hf_trainer").main(["--steps", "2", "--compiler", "aot_eager"]) == 0
+    assert "lm_head fused into the loss in training: yes" in capsys.readouterr().out
