@@ -1,5 +1,6 @@
 """The examples run as documented (few steps): examples/distill.py fuses the JSD with both lm_heads and trains
-the student to eager's losses; examples/hf_trainer.py trains, evaluates and saves through HF's Trainer."""
+the student to eager's losses; examples/hf_trainer.py trains, evaluates and saves through HF's Trainer;
+examples/multi_head.py fuses every head's lm_head with its loss."""
 
 import importlib.util
 import os
@@ -22,3 +23,8 @@ def test_distill_fuses_the_jsd_and_matches_eager(capsys):
 def test_hf_trainer_trains_with_the_fused_loss(capsys):
     assert load("hf_trainer").main(["--steps", "2", "--compiler", "aot_eager"]) == 0
     assert "lm_head fused into the loss in training: yes" in capsys.readouterr().out
+
+
+def test_multi_head_fuses_every_head(capsys):
+    assert load("multi_head").main(["--steps", "2", "--heads", "2", "--compiler", "aot_eager"]) == 0
+    assert "heads fused with their loss: 2 of 2; losses agree: yes" in capsys.readouterr().out
