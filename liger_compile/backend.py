@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from liger_compile import config as liger_config
-from liger_compile.ops._library import fall_back, from_triton, one_line
+from liger_compile.ops._library import FallbackRefused, fall_back, from_triton, one_line
 from liger_compile.passes import FAMILIES, PassFailure, PassResult, run_passes
 from liger_compile.report import publish
 
@@ -26,6 +26,8 @@ def rewrite(gm: fx.GraphModule, config: liger_config.Config) -> tuple[fx.GraphMo
     """Run the enabled rewrite families on `gm`; on any internal error return `gm` untouched."""
     try:
         return run_passes(gm, {name: FAMILIES[name] for name in config.families})
+    except FallbackRefused:  # strict mode, raised where a family failed: already says what and why
+        raise
     except Exception as error:  # the pass manager itself failed: never take the user's run down with it
         fall_back(f"rewriting failed ({one_line(error)}); compiling the graph unchanged", error)
         return gm, PassResult(failures=[PassFailure("*", one_line(error), traceback.format_exc())])
@@ -53,12 +55,10 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     config = liger_config.resolve(options)
     rewritten, result = rewrite(gm, config)  # a rewritten clone: `gm` stays as it was
     publish(result)
-    if not result.rewrites:
-        return compile_rewritten(rewritten, example_inputs, mode, config)
     try:
         return compile_rewritten(rewritten, example_inputs, mode, config)
     except Exception as error:
-        if not from_triton(error):
+        if not result.rewrites or not from_triton(error):
             raise
         families = sorted({r.family for r in result.rewrites})
         fall_back(f"a Triton kernel of the {', '.join(families)} rewrite(s) failed to compile ({one_line(error)}); "

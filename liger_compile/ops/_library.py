@@ -42,10 +42,14 @@ def strict() -> bool:
     return os.environ.get(STRICT_ENV, "0") == "1"
 
 
+class FallbackRefused(RuntimeError):
+    """Strict mode's error in place of a fallback warning: raised once, where the fallback would have happened."""
+
+
 def fall_back(message: str, error: BaseException | None = None) -> None:
-    """Warn that something is skipped for a slower correct path, or raise in strict mode."""
+    """Warn that something is skipped for a slower correct path, or raise `FallbackRefused` in strict mode."""
     if strict():
-        raise RuntimeError(f"liger_compile: {message} ({STRICT_ENV}=1)") from error
+        raise FallbackRefused(f"liger_compile: {message} ({STRICT_ENV}=1)") from error
     log.warning("liger_compile: %s", message)
 
 
