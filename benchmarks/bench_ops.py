@@ -9,7 +9,7 @@ forward+backward (outputs and gradients included, as ../shared/anchors.md counts
 the op's minimal traffic; and the relative error of output and gradients against eager.
 
     python benchmarks/bench_ops.py [--op rms_norm] [--op add_rms_norm] [--op layer_norm] [--op glu] [--op rope]
-        [--op cross_entropy] [--op divergence] [--quick] [--out benchmarks/results]
+        [--op cross_entropy] [--op divergence] [--op embedding] [--quick] [--out benchmarks/results]
 
 Without CUDA it says so and exits cleanly.
 """
@@ -383,8 +383,46 @@ def divergence_cases(quick: bool) -> list[Case]:
             Case("kl_div", shape, make_inputs, lambda i: [i[0]], 3 * rows * vocab * 2, kl_impls)]
 
 
+# --- Embedding --------------------------------------------------------------------------------------------
+
+def embedding_cases(quick: bool) -> list[Case]:
+    """Llama-3's token embedding (128256 x 4096, bf16) looked up by 16384 ids: uniform ids, then ids as skewed as
+    text's (Zipf, exponent 1: the most frequent id is ~8% of them), whose long segments a deterministic backward
+    sums in one program each."""
+    vocab, hidden, n_ids = 128256, 4096, 16384
+    cases = []
+    for distribution in ["uniform"] if quick else ["uniform", "zipf"]:
+        def make_inputs(distribution=distribution):
+            torch.manual_seed(0)
+            weight = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            if distribution == "uniform":
+                ids = torch.randint(0, vocab, (4, n_ids // 4), device="cuda")
+            else:
+                frequencies = 1.0 / torch.arange(1, vocab + 1, device="cuda", dtype=torch.float64)
+                ids = torch.multinomial(frequencies, n_ids, replacement=True).view(4, n_ids // 4)
+            return ids, weight
+
+        def eager(ids, weight):
+            return F.embedding(ids, weight)
+
+        def impls():
+            found = {"eager": eager, "inductor": torch.compile(eager, dynamic=False),
+                     "liger-compile op": torch.ops.liger.embedding,
+                     "liger-compile backend": torch.compile(eager, backend="liger", dynamic=False)}
+            function = _liger_kernel_function("LigerEmbeddingFunction")
+            if function is not None:
+                found["liger-kernel"] = lambda ids, weight: function.apply(weight, ids)
+            return found
+
+        # forward reads and writes the looked-up rows; backward reads their gradient and writes the whole weight's
+        cases.append(Case("embedding", f"{n_ids} ids {distribution}, {vocab}x{hidden} bf16", make_inputs,
+                          lambda i: [i[1]], (3 * n_ids + vocab) * hidden * 2, impls))
+    return cases
+
+
 CASES = {"rms_norm": rms_norm_cases, "add_rms_norm": add_rms_norm_cases, "layer_norm": layer_norm_cases,
-         "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases, "divergence": divergence_cases}
+         "glu": glu_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases, "divergence": divergence_cases,
+         "embedding": embedding_cases}
 
 
 # --- measuring ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from liger_compile.ops.cross_entropy import cross_entropy
 from liger_compile.ops.divergence import jsd, kl_div
 from liger_compile.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from liger_compile.ops.fused_linear_jsd import fused_linear_jsd
+from liger_compile.ops.int2_matmul import CODES_PER_BYTE, matmul_int2_int8, pack_int2
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -95,3 +96,49 @@ class FusedLinearJSD(torch.nn.Module):
                 teacher_weight: torch.Tensor, labels: torch.Tensor | None = None):
         return fused_linear_jsd(_rows(student_hidden), student_weight, _rows(teacher_hidden), teacher_weight,
                                 None if labels is None else labels.reshape(-1), **self.options)
+
+
+class Int2Linear(torch.nn.Module):
+    """Experimental, inference only: a BitNet b1.58-style linear layer, ``x @ w * weight_scale + bias`` with
+    ternary weights w (in_features, out_features) in {-1, 0, 1} packed 2 bits each (`pack_int2`, buffer
+    ``weight_packed``) and the activations quantized to int8 per row (absmax) in fp32; the int8 × int2 product is
+    exact in int32 (`liger_compile.ops.int2_matmul`). No gradients: for serving a model trained (or ternarized,
+    `from_linear`) elsewhere. in_features must be a multiple of 4.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if in_features % CODES_PER_BYTE:
+            raise ValueError(f"Int2Linear: in_features must be a multiple of 4, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        # 0x55 holds code 1 in each of its four fields: every weight 0 until loaded
+        self.register_buffer("weight_packed", torch.full((in_features // CODES_PER_BYTE, out_features), 0x55,
+                                                         dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones((), device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "Int2Linear":
+        """Ternarize `linear`'s weight as BitNet b1.58 does: scale = mean(|W|), W ≈ round(W / scale) clamped to
+        [-1, 1] times scale."""
+        weight = linear.weight.detach().float()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device)
+        weight_scale = weight.abs().mean().clamp_min(1e-5)
+        module.weight_packed.copy_(pack_int2((weight / weight_scale).round().clamp(-1, 1).t()))
+        module.weight_scale.copy_(weight_scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        scale = 127 / h.abs().amax(-1, keepdim=True).clamp_min(1e-5)
+        xq = (h * scale).round().clamp(-128, 127).to(torch.int8)
+        y = matmul_int2_int8(xq, self.weight_packed).float() / scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

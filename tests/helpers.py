@@ -85,3 +85,8 @@ def check_rewrite(module, x, family: str, expected_rewrites: int, **options):
         else:
             assert_relative_error(grad, expected_grad, 1e-2)
     return report
+
+
+def variants(report, family: str) -> list[str]:
+    """The variants `family` rewrote, in graph order."""
+    return [r.variant for r in report.rewrites if r.family == family]

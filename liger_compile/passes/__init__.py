@@ -1,6 +1,8 @@
 """FX rewrites of Dynamo graphs onto liger ops: one module per op family, plus the pass manager."""
 
-from liger_compile.passes import cross_entropy, divergence, glu, layer_norm, residual_norm, rms_norm, rope
+from liger_compile.passes import (
+    cross_entropy, divergence, embedding, glu, int2_matmul, layer_norm, residual_norm, rms_norm, rope,
+)
 from liger_compile.passes.manager import Family, NearMiss, PassFailure, PassResult, Rewrite, run_passes
 
 # Every rewrite family, in the order they run (LayerNorm's arithmetic contains a mean square: it goes first).
@@ -12,6 +14,8 @@ FAMILIES: dict[str, Family] = {
     rope.FAMILY: rope.apply,
     cross_entropy.FAMILY: cross_entropy.apply,
     divergence.FAMILY: divergence.apply,
+    embedding.FAMILY: embedding.apply,
+    int2_matmul.FAMILY: int2_matmul.apply,
 }
 
 __all__ = ["FAMILIES", "NearMiss", "PassFailure", "PassResult", "Rewrite", "run_passes"]

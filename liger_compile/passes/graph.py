@@ -54,6 +54,11 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "logaddexp": ("input", "other"),
     "stack": ("tensors", "dim"),
     "sum": ("input", "dim", "keepdim", "dtype"),
+    "bitwise_and": ("input", "other"),
+    "bitwise_right_shift": ("input", "other"),
+    "matmul": ("input", "other"),
+    "mm": ("input", "mat2"),
+    "int_mm": ("input", "mat2"),
 }
 
 _FUNCTIONS: dict[Any, str] = {
@@ -89,6 +94,12 @@ _FUNCTIONS: dict[Any, str] = {
     torch.logaddexp: "logaddexp", torch.Tensor.logaddexp: "logaddexp",
     torch.stack: "stack",
     torch.sum: "sum", torch.Tensor.sum: "sum",
+    operator.and_: "bitwise_and", torch.bitwise_and: "bitwise_and", torch.Tensor.bitwise_and: "bitwise_and",
+    operator.rshift: "bitwise_right_shift", torch.bitwise_right_shift: "bitwise_right_shift",
+    torch.Tensor.bitwise_right_shift: "bitwise_right_shift",
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.Tensor.matmul: "matmul",
+    torch.mm: "mm", torch.Tensor.mm: "mm",
+    torch._int_mm: "int_mm",
 }
 
 _METHODS: dict[str, str] = {
@@ -98,6 +109,7 @@ _METHODS: dict[str, str] = {
     "type": "cast", "sigmoid": "sigmoid", "tanh": "tanh", "chunk": "chunk", "split": "split",
     "neg": "neg", "negative": "neg", "contiguous": "contiguous", "log_softmax": "log_softmax", "exp": "exp",
     "log": "log", "logsumexp": "logsumexp", "logaddexp": "logaddexp", "sum": "sum",
+    "bitwise_and": "bitwise_and", "bitwise_right_shift": "bitwise_right_shift", "matmul": "matmul", "mm": "mm",
 }
 
 

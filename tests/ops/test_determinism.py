@@ -33,6 +33,7 @@ CASES = {
         q, k, torch.ones(1, 1, 64, 64, device=DEVICE) * 0.6, torch.ones(1, 1, 64, 64, device=DEVICE) * 0.8)]),
         inputs((4, 8, 64, 64), (4, 2, 64, 64))),
     "cross_entropy": lambda: (lambda x: liger_compile.ops.cross_entropy(x, LABELS), inputs((ROWS, WIDTH))),
+    "embedding": lambda: (lambda w: liger_compile.ops.embedding(LABELS % 7, w), inputs((WIDTH, 64))),
     "fused_linear_cross_entropy": lambda: (
         lambda h, w: liger_compile.ops.fused_linear_cross_entropy(h, w, LABELS, chunk_rows=64),
         inputs((ROWS, 64), (WIDTH, 64))),

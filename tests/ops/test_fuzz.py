@@ -222,6 +222,17 @@ def test_jsd(rows, classes, dtype, layout, scale, beta, ignored):
           dtype, tolerance=None if dtype == torch.float32 else 5e-2)
 
 
+@fuzz
+@given(vocab=st.sampled_from([1, 7, 129]), width=WIDTHS, dtype=DTYPES, layout=LAYOUTS, scale=SCALES,
+       ids_shape=st.sampled_from([(1,), (17,), (3, 40)]), padding=st.sampled_from([None, 0, -1]))
+def test_embedding(vocab, width, dtype, layout, scale, ids_shape, padding):
+    generator = torch.Generator(device=DEVICE).manual_seed(vocab + width)
+    ids = torch.randint(0, vocab, ids_shape, device=DEVICE, generator=generator)  # repeats whenever vocab < ids
+    weight = tensor((vocab, width), dtype, layout, scale).requires_grad_()
+    check(lambda i, w: liger_compile.ops.embedding(i, w, padding), lambda i, w: F.embedding(i, w, padding),
+          [ids, weight], dtype)
+
+
 def test_examples_setting_is_a_positive_number():
     assert EXAMPLES > 0, "LIGER_COMPILE_FUZZ_EXAMPLES must be positive"
 
