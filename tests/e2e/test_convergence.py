@@ -11,17 +11,21 @@ import torch
 
 from liger_compile.report import collect
 from tests.conftest import DEVICE
-from tests.helpers import assert_relative_error
 from tests.models.architectures import VOCAB, build
 
 MODELS = ["llama", "qwen3", "gemma2", "mixtral", "phi3", "gpt_neox"]
 STEPS, BATCH, SEQ, TOP_K = 32, 4, 32, 5
-# (per-step loss rtol, final weights relative error, held-out top-k log-prob atol). AdamW turns the rounding
+# fp32: (per-step loss rtol, final weights relative error, held-out top-k log-prob atol). AdamW turns the rounding
 # noise of gradients that are zero in exact arithmetic (GPT-NeoX's key bias: softmax ignores a per-query
 # constant) into lr-sized steps, which any change in rounding order (the cross-entropy's, in fp32) makes differ:
-# 6e-4 of that bias after 32 steps, every other parameter within 1e-5. In bf16 the same holds for tiny
-# gradients, so final weights drift apart by a few percent even when every op rounds as eager does.
-TOLERANCES = {torch.float32: (1e-4, 1e-3, 1e-3), torch.bfloat16: (2e-2, 5e-2, 5e-2)}
+# 6e-4 of that bias after 32 steps, every other parameter within 1e-5.
+FP32_TOLERANCES = (1e-4, 1e-3, 1e-3)
+# bf16: there is no fixed tolerance for "within bf16 noise": every compiler that rounds in another order (plain
+# Inductor too) drifts from eager by an amount the model and its tiny gradients decide. So the liger backend's
+# distance from eager must be at most twice plain Inductor's, measured in the same run, or below a floor of about
+# one bf16 rounding (per-step loss, weights, top-k log-probs).
+BF16_FLOORS = (1e-2, 1e-2, 2e-2)
+INDUCTOR_FACTOR = 2.0
 
 
 def train(model, forward, dtype):
@@ -46,6 +50,24 @@ def train(model, forward, dtype):
     return torch.stack(losses), logprobs
 
 
+def distances(run, reference) -> tuple[float, float, float]:
+    """(largest relative per-step loss difference, largest relative (L2) weight difference over parameters,
+    largest difference of eager's top-k held-out log-probs) between two training runs."""
+    (losses, logprobs, weights), (expected_losses, expected_logprobs, expected_weights) = run, reference
+    loss = ((losses - expected_losses).abs() / expected_losses.abs()).max().item()
+    weight = max(((w.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+                 for w, e in zip(weights, expected_weights))
+    # eager's top-k tokens, read in both: near-ties make the order itself noisy in bf16
+    expected_top, top_tokens = expected_logprobs.topk(TOP_K, dim=-1)
+    logprob = (logprobs.gather(-1, top_tokens) - expected_top).abs().max().item()
+    return loss, weight, logprob
+
+
+def trained(model, forward, dtype):
+    losses, logprobs = train(model, forward, dtype)
+    return losses, logprobs, [p.detach() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)],
                          ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", MODELS)
@@ -53,20 +75,24 @@ def test_training_follows_eager(model_type, dtype):
     if dtype == torch.bfloat16 and DEVICE != "cuda":
         pytest.skip("bf16 convergence runs on a GPU")
     model = build(model_type, num_hidden_layers=4).to(DEVICE)
-    reference = copy.deepcopy(model)
+    reference, plain = copy.deepcopy(model), copy.deepcopy(model)
     compiler = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(model, backend="liger", options={"compiler": compiler})
     with collect() as report:
-        losses, logprobs = train(model, lambda i: compiled(input_ids=i, labels=i), dtype)
-    expected_losses, expected_logprobs = train(reference, lambda i: reference(input_ids=i, labels=i), dtype)
+        run = trained(model, lambda i: compiled(input_ids=i, labels=i), dtype)
+    expected = trained(reference, lambda i: reference(input_ids=i, labels=i), dtype)
 
-    loss_rtol, weight_tolerance, logprob_atol = TOLERANCES[dtype]
     assert not report.failures
     assert sum(report.counts().values()) > 0 or model_type == "gpt_neox"  # GPT-NeoX has no RMSNorm
-    torch.testing.assert_close(losses, expected_losses, rtol=loss_rtol, atol=0)
-    assert losses[-1] < losses[0]  # it did learn something
-    for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
-        assert_relative_error(param.detach(), ref_param.detach(), weight_tolerance)
-    # eager's top-k tokens, read in both: near-ties make the order itself noisy in bf16
-    expected_top, top_tokens = expected_logprobs.topk(TOP_K, dim=-1)
-    torch.testing.assert_close(logprobs.gather(-1, top_tokens), expected_top, rtol=0, atol=logprob_atol)
+    assert run[0][-1] < run[0][0]  # it did learn something
+    distance = distances(run, expected)
+    if dtype == torch.float32:
+        bounds = FP32_TOLERANCES
+    else:
+        inductor = torch.compile(plain)
+        inductor_distance = distances(trained(plain, lambda i: inductor(input_ids=i, labels=i), dtype), expected)
+        print(f"{model_type} bf16 distance from eager (loss, weights, top-k log-probs): liger {distance}, "
+              f"inductor {inductor_distance}")
+        bounds = tuple(max(INDUCTOR_FACTOR * d, floor) for d, floor in zip(inductor_distance, BF16_FLOORS))
+    for name, value, bound in zip(("per-step loss", "final weights", "top-k log-probs"), distance, bounds):
+        assert value <= bound, f"{name}: {value:.3g} from eager > {bound:.3g}"
