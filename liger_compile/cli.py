@@ -1,4 +1,5 @@
-"""``liger-compile demo | explain``: see the backend work on a tiny transformers model, no downloads."""
+"""``liger-compile demo | explain | bench``: see the backend work on a tiny transformers model, no downloads; run the
+GPU benchmarks of a source checkout."""
 
 from __future__ import annotations
 
@@ -102,6 +103,28 @@ def demo(steps: int, compiler: str) -> int:
     return 0
 
 
+BENCHMARKS = {"ops": "bench_ops.py", "e2e": "bench_e2e.py"}
+
+
+def bench(which: str, arguments: list[str]) -> int:
+    """Run benchmarks/bench_<which>.py of the checkout this package is installed from, with `arguments`."""
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", BENCHMARKS[which])
+    if not os.path.isfile(script):
+        print(f"liger-compile bench: {script} not found: the benchmarks come with the source checkout "
+              "(pip install -e . from it)", file=sys.stderr)
+        return 2
+    sys.argv = [script, *arguments]
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:
+        return done.code or 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="liger-compile", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     run_explain = commands.add_parser("explain", help="print the rewrite report for a tiny transformers model")
     run_explain.add_argument("model", nargs="?", default="llama",
                              help="a transformers model_type, or a directory with a config.json (its model, shrunk)")
+    run_bench = commands.add_parser("bench", help="GPU benchmarks: per op, or end-to-end training (needs CUDA)")
+    run_bench.add_argument("which", choices=sorted(BENCHMARKS))
+    run_bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --op rms_norm; --preset 8b")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         return demo(args.steps, args.compiler)
+    if args.command == "bench":
+        return bench(args.which, args.arguments)
     model = tiny_model(args.model).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     print(explain(model, input_ids=ids, labels=ids))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import liger_compile
@@ -52,3 +53,12 @@ def test_demo_runs_and_checks_loss_parity():
     rewritten, near_misses = re.search(r"rms_norm +(\d+) +(\d+)", result.stdout).groups()
     assert (int(rewritten), int(near_misses)) == (2 * layers + 1, 0)
     assert "largest relative loss difference liger vs eager" in result.stdout
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU this would run the benchmarks themselves")
+@pytest.mark.parametrize("which,script", [("ops", "bench_ops"), ("e2e", "bench_e2e")])
+def test_bench_command_runs_the_checkout_benchmarks(which, script, capsys):
+    from liger_compile.cli import main
+
+    assert main(["bench", which]) == 0
+    assert f"{script}: no CUDA device" in capsys.readouterr().out

@@ -1,0 +1,281 @@
+"""End-to-end training benchmark: HF models built from configs (random weights, bf16, fused AdamW) trained
+eagerly, with Inductor, with liger-kernel's patching, and with liger-compile, each mode in its own process.
+
+Per mode: tokens/s (median step after the warm-up steps), peak memory allocated during the steady steps, time to
+the end of the first step (compilation included), and the loss of every step (all modes train on the same ids
+from the same weights, so the losses must agree up to bf16 noise; the table gives each mode's largest relative
+difference from eager's).
+
+    python benchmarks/bench_e2e.py [--preset 1b] [--batch 4] [--seq 2048] [--mode eager --mode ...]
+        [--steps 12] [--profile] [--out benchmarks/results]
+    python benchmarks/bench_e2e.py --max-batch ...   the largest batch (doubling from 1) each mode trains
+    python benchmarks/bench_e2e.py --max-seq 16384,32768,65536 ...   the longest sequence each mode trains at its batch
+
+Modes: eager; inductor (``torch.compile(model)``); liger-kernel (liger-kernel's patching of the model's modules,
+when importable); liger-kernel+inductor; liger (``torch.compile(model, backend="liger")``: logits are returned,
+so the lm_head is not fused with the loss); liger-optimize (``liger_compile.optimize(model)``: training drops the
+logits, and the lm_head fuses with the loss). `--profile` writes each mode's top kernels by GPU time over two
+steady steps. Only measures on CUDA; on CPU it says so and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", "liger-optimize")
+DEFAULT_MODES = ("eager", "inductor", "liger-kernel", "liger-optimize")
+WARMUP_STEPS = 3
+
+# Shapes of public checkpoints (random weights). `gc`: activation checkpointing (non-reentrant).
+PRESETS = {
+    "1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
+               batch=4, seq=2048, gc=False),
+    "8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False,
+               batch=4, seq=4096, gc=True),
+    "qwen3": dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  tie_word_embeddings=True, batch=4, seq=2048, gc=False),  # Qwen3-1.7B
+    "gemma2": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                   batch=2, seq=2048, gc=False),  # Gemma-2-2B
+    "gemma3": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                   num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                   batch=4, seq=2048, gc=False),  # Gemma-3-1B
+}
+
+
+def build_model(preset: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in PRESETS[preset].items() if k not in ("model_type", "batch", "seq", "gc")}
+    config = AutoConfig.for_model(PRESETS[preset]["model_type"], max_position_embeddings=131072,
+                                  attn_implementation="sdpa", **settings)
+    for name, value in vars(config).items():  # compiled and eager runs would draw different dropout masks
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    if PRESETS[preset]["gc"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def prepare(mode: str, model):
+    """The callable each mode trains with."""
+    import torch
+
+    if mode.startswith("liger-kernel"):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    if mode in ("inductor", "liger-kernel+inductor"):
+        return torch.compile(model)
+    if mode == "liger":
+        return torch.compile(model, backend="liger")
+    if mode == "liger-optimize":
+        import liger_compile
+
+        return liger_compile.optimize(model)
+    return model
+
+
+def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to: str | None) -> dict:
+    """Train `steps` steps in this process; returns the measurements."""
+    import torch
+
+    model = build_model(preset)
+    forward = prepare(mode, model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+
+    def step():
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    seconds, losses = [], []
+    start = time.perf_counter()
+    for index in range(steps):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        losses.append(step())
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
+        if index == 0:
+            first_step = time.perf_counter() - start
+            torch.cuda.reset_peak_memory_stats()  # steady-state peak: compilation's buffers are gone
+    if profile_to:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        with open(profile_to, "w") as f:
+            f.write(trace.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    steady = statistics.median(seconds[WARMUP_STEPS:])
+    return dict(mode=mode, preset=preset, batch=batch, seq=seq, tokens_per_s=batch * seq / steady,
+                step_ms=steady * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_step,
+                losses=[loss.item() for loss in losses])
+
+
+def in_subprocess(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to: str | None,
+                  timeout: int) -> dict:
+    """`run_one` in a fresh process (its own compile caches and allocator); an OOM or crash becomes an error row."""
+    command = [sys.executable, __file__, "--one", mode, "--preset", preset, "--batch", str(batch), "--seq", str(seq),
+               "--steps", str(steps)] + (["--profile-to", profile_to] if profile_to else [])
+    row = dict(mode=mode, preset=preset, batch=batch, seq=seq)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout} s"}
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if results:
+        return json.loads(results[-1][len("RESULT "):])
+    out_of_memory = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
+    return {**row, "error": "out of memory" if out_of_memory else done.stderr.strip()[-400:]}
+
+
+def available_modes(requested: list[str] | None) -> list[str]:
+    import importlib.util
+
+    modes = list(requested or DEFAULT_MODES)
+    if importlib.util.find_spec("liger_kernel") is None:
+        skipped = [m for m in modes if m.startswith("liger-kernel")]
+        if skipped:
+            print(f"bench_e2e: liger-kernel is not importable; skipping {skipped}")
+        modes = [m for m in modes if m not in skipped]
+    return modes
+
+
+def progress(items, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is optional
+        return items
+    return tqdm(items, desc=description, file=sys.stderr)
+
+
+def annotate(rows: list[dict]) -> None:
+    """Each row's largest relative loss difference from eager's run of the same shape, where there is one."""
+    eager = {(r["batch"], r["seq"]): r["losses"] for r in rows if r["mode"] == "eager" and "losses" in r}
+    for row in rows:
+        reference = eager.get((row["batch"], row["seq"]))
+        if reference and "losses" in row:
+            row["loss_vs_eager"] = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], reference))
+
+
+def environment() -> dict:
+    import importlib.metadata
+
+    import torch
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=version("triton"),
+                transformers=version("transformers"), liger_kernel=version("liger-kernel"),
+                date=time.strftime("%Y-%m-%d"))
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"{result['title']}. {env['device']}, torch {env['torch']}, triton {env['triton']}, transformers "
+             f"{env['transformers']}, liger-kernel {env['liger_kernel']}, {env['date']}. bf16 weights, fused AdamW, "
+             f"random ids; tokens/s from the median of the steps after {WARMUP_STEPS} warm-up steps; peak: memory "
+             "allocated during the steady steps; first step: its end, compilation included; loss vs eager: the "
+             "largest relative difference of a step's loss from eager's.", "",
+             "| mode | batch × seq | tokens/s | step ms | peak GiB | first step s | loss first → last | loss vs eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        shape = f"{r['batch']} × {r['seq']}"
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {shape} | {r['error'][:120]} | | | | | |")
+            continue
+        vs_eager = f"{r['loss_vs_eager']:.1e}" if "loss_vs_eager" in r else ""
+        lines.append(f"| {r['mode']} | {shape} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
+                     f"{r['first_step_s']:.1f} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} | {vs_eager} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--batch", type=int, help="default: the preset's")
+    parser.add_argument("--seq", type=int, help="default: the preset's")
+    parser.add_argument("--mode", action="append", choices=MODES, help=f"default: {', '.join(DEFAULT_MODES)}")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--max-batch", action="store_true", help="search each mode's largest batch (doubling)")
+    parser.add_argument("--max-seq", help="comma-separated lengths: each mode's longest that trains")
+    parser.add_argument("--profile", action="store_true", help="write each mode's top kernels by GPU time")
+    parser.add_argument("--timeout", type=int, default=540, help="seconds per mode's process")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # the per-mode process
+    parser.add_argument("--profile-to", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_e2e: no CUDA device; this benchmark only measures GPUs.")
+        return 0
+    batch, seq = args.batch or PRESETS[args.preset]["batch"], args.seq or PRESETS[args.preset]["seq"]
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.preset, batch, seq, args.steps, args.profile_to)))
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    modes = available_modes(args.mode)
+    rows = []
+    if args.max_batch or args.max_seq:
+        kind = "batch" if args.max_batch else "seq"
+        trials = [2 ** i for i in range(10)] if args.max_batch else [int(t) for t in args.max_seq.split(",")]
+        title = f"Largest {kind} each mode trains, preset {args.preset}, " + (
+            f"seq {seq}" if args.max_batch else f"batch {batch}")
+        for mode in progress(modes, f"{kind} search"):
+            for trial in trials:
+                shape = (trial, seq) if args.max_batch else (batch, trial)
+                row = in_subprocess(mode, args.preset, *shape, min(args.steps, WARMUP_STEPS + 2), None, args.timeout)
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+                if "error" in row:
+                    break
+        stem = f"bench_e2e_{args.preset}_max_{kind}"
+    else:
+        title = f"Training steps, preset {args.preset}"
+        for mode in progress(modes, "modes"):
+            profile_to = os.path.join(args.out, f"profile_{args.preset}_{mode}.txt") if args.profile else None
+            rows.append(in_subprocess(mode, args.preset, batch, seq, args.steps, profile_to, args.timeout))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        stem = f"bench_e2e_{args.preset}_B{batch}_T{seq}"
+    annotate(rows)
+    result = dict(title=title, environment=environment(), preset=PRESETS[args.preset], rows=rows)
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
