@@ -297,15 +297,32 @@ class InexactMatch(Exception):
     says why; it becomes a near-miss in the report)."""
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
+_DISTRIBUTED = ("DTensor (tensor-parallel) values: the liger ops have no sharding rules, so PyTorch's DTensor ops "
+                "compute it")
+
+
+def _distributed(node: fx.Node) -> bool:
+    return DTensor is not None and isinstance(node.meta.get("example_value"), DTensor)
+
+
 def find_matches(graph: fx.Graph, record, match_at: Callable[[fx.Node], Any]) -> list:
     """Try `match_at` on every node, in graph order; keep matches (objects with a ``nodes`` list) that share no
-    node with an earlier one, and record each `InexactMatch` raised as a near-miss at that node."""
+    node with an earlier one, and record each `InexactMatch` raised as a near-miss at that node (and a match over
+    DTensors, which the ops cannot take)."""
     matches, claimed = [], set()
     for node in graph.nodes:
         try:
             match = match_at(node)
         except InexactMatch as miss:
             record.near_miss(node, str(miss))
+            continue
+        if match is not None and any(_distributed(n) for n in match.nodes):
+            record.near_miss(node, _DISTRIBUTED)
             continue
         if match is not None and not claimed.intersection(match.nodes):
             claimed.update(match.nodes)
