@@ -1,8 +1,8 @@
 """Embedding lookup: a Triton gather forward and a deterministic segment-sum backward, with their launchers.
 
-Forward copies ``weight[ids]`` row by row; an id outside ``[0, num_embeddings)`` stops the kernel with a device
-assertion, as eager's CUDA gather does (a compare per id, no host sync); where Triton compiles assertions out
-(its interpreter) such an id reads nothing and its row is NaN, never another row's values.
+Forward copies ``weight[ids]`` row by row; for an id outside ``[0, num_embeddings)`` it carries a device
+assertion, as eager's CUDA gather does (a compare per id, no host sync). Where the assertion is compiled out (the
+interpreter) such an id reads nothing either: its row is NaN, never another row's values.
 
 Backward is the sum, per vocabulary row, of the output-gradient rows whose id it is. The ids are sorted (stably)
 once, so each id's rows form one segment of the sorted order; the program at a segment's first position sums

@@ -223,8 +223,9 @@ def test_jsd(rows, classes, dtype, layout, scale, beta, ignored):
 
 
 @fuzz
-@given(vocab=st.sampled_from([1, 7, 129]), width=WIDTHS, dtype=DTYPES, layout=LAYOUTS, scale=SCALES,
-       ids_shape=st.sampled_from([(1,), (17,), (3, 40)]), padding=st.sampled_from([None, 0, -1]))
+# widths up to 1000 (several column blocks): the interpreter runs a backward program per id and column block
+@given(vocab=st.sampled_from([1, 7, 129]), width=st.sampled_from([1, 7, 129, 1000]), dtype=DTYPES, layout=LAYOUTS,
+       scale=SCALES, ids_shape=st.sampled_from([(1,), (17,), (3, 40)]), padding=st.sampled_from([None, 0, -1]))
 def test_embedding(vocab, width, dtype, layout, scale, ids_shape, padding):
     generator = torch.Generator(device=DEVICE).manual_seed(vocab + width)
     ids = torch.randint(0, vocab, ids_shape, device=DEVICE, generator=generator)  # repeats whenever vocab < ids
