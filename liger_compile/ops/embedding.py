@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from liger_compile.kernels import embedding as kernels
 from liger_compile.kernels._launch import can_launch
-from liger_compile.ops._library import check_float_tensor, check_same_device, define_op, fail
+from liger_compile.ops._library import as_rows, check_float_tensor, check_same_device, define_op, fail
 
 _OP = "embedding"
 ID_DTYPES = (torch.int32, torch.int64)
@@ -50,9 +50,8 @@ def _embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None 
     _padding_row(_OP, weight.shape[0], padding_idx)
     if not can_launch(weight):
         return F.embedding(ids, weight)
-    rows = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty((*ids.shape, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-    kernels.embedding_forward(ids.reshape(-1), rows, out.view(-1, weight.shape[1]))
+    kernels.embedding_forward(ids.reshape(-1), as_rows(weight), out.view(-1, weight.shape[1]))
     return out
 
 
@@ -69,9 +68,7 @@ def _embedding_backward(dy: torch.Tensor, ids: torch.Tensor, n_embeddings: int,
     if not can_launch(dy):
         return embedding_backward_reference(dy, ids, n_embeddings, row)
     dw = torch.zeros((n_embeddings, dy.shape[-1]), dtype=dy.dtype, device=dy.device)
-    dy_rows = dy.reshape(-1, dy.shape[-1])
-    kernels.embedding_backward(dy_rows if dy_rows.stride(-1) == 1 else dy_rows.contiguous(), ids.reshape(-1), dw,
-                               row)
+    kernels.embedding_backward(as_rows(dy), ids.reshape(-1), dw, row)
     return dw
 
 

@@ -27,7 +27,9 @@ _SPELLINGS = {
     F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
     torch.embedding: ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse"),
 }
-_DEFAULTS = {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False, "sparse": False}
+# Options that change the lookup or its gradient unless left at these values (their defaults).
+_PLAIN_OPTIONS = {"max_norm": None, "scale_grad_by_freq": False, "sparse": False}
+_DEFAULTS = {"padding_idx": None, **_PLAIN_OPTIONS}
 
 
 @dataclass
@@ -47,7 +49,7 @@ def _match_at(node: fx.Node) -> _Match | None:
     if node.op != "call_function" or node.target not in _SPELLINGS:
         return None
     params = {**_DEFAULTS, **dict(zip(_SPELLINGS[node.target], node.args)), **node.kwargs}
-    for option, plain in (("max_norm", None), ("scale_grad_by_freq", False), ("sparse", False)):
+    for option, plain in _PLAIN_OPTIONS.items():
         if params[option] is not plain:
             raise InexactMatch(f"{option}={params[option]!r} changes the lookup or its gradient; the op computes "
                                "a plain gather")
