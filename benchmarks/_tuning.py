@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Callable
@@ -44,3 +45,11 @@ def run_sweep(name: str, shapes: list[tuple[int, int]], sweep_shape: Callable[[i
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=0)
     return 0
+
+
+def sweep_main(name: str, description: str, shapes: list[tuple[int, int]],
+               sweep_shape: Callable[[int, int], list[dict]], argv: list[str] | None = None) -> int:
+    """The command line of a sweep whose only option is ``--out`` (default: benchmarks/results)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    return run_sweep(name, shapes, sweep_shape, parser.parse_args(argv).out)

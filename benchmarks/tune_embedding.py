@@ -9,14 +9,12 @@ inside the ops and in Inductor's generated code. Ids are uniform over Llama-3's 
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import sys
 
 import torch
 
-from _tuning import bench, run_sweep
+from _tuning import bench, sweep_main
 from liger_compile.kernels import embedding as kernels
 
 VOCAB = 128256
@@ -41,12 +39,5 @@ def sweep_shape(n_ids: int, hidden: int) -> list[dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    return run_sweep("tune_embedding", SHAPES, sweep_shape, args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep_main("tune_embedding", __doc__.splitlines()[0], SHAPES, sweep_shape))

@@ -9,14 +9,12 @@ inside the op and in Inductor's generated code.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import sys
 
 import torch
 
-from _tuning import bench, run_sweep
+from _tuning import bench, sweep_main
 from liger_compile.kernels import int2_matmul as kernels
 from liger_compile.ops import pack_int2
 
@@ -44,12 +42,5 @@ def sweep_shape(m: int, k: int) -> list[dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    return run_sweep("tune_int2_matmul", SHAPES, sweep_shape, args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep_main("tune_int2_matmul", __doc__.splitlines()[0], SHAPES, sweep_shape))
