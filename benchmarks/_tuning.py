@@ -13,9 +13,11 @@ _NOT_SETTINGS = ("pass_", "rows", "cols", "hidden", "ms")
 
 
 def bench(fn: Callable[[], object]) -> float:
+    """`fn`'s GPU time in ms, replayed from a CUDA graph: the launches of small kernels would otherwise time the
+    host's launch overhead, not the kernels."""
     import triton
 
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
 def run_sweep(name: str, shapes: list[tuple[int, int]], sweep_shape: Callable[[int, int], list[dict]],

@@ -19,7 +19,7 @@ from liger_compile.kernels import rope as kernels
 
 # (batch, seq) with Llama-3-8B's attention: 32 q heads, 8 k heads, head_dim 128, (B, H, T, D) views of
 # (B, T, H, D) projections as HF makes them
-SHAPES = [(4, 4096), (1, 4096)]
+SHAPES = [(4, 4096), (1, 4096), (8, 1024)]
 HEADS_Q, HEADS_K, HEAD_DIM = 32, 8, 128
 GRID = dict(tile=(512, 1024, 2048, 4096), num_warps=(1, 2, 4, 8))
 

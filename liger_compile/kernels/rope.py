@@ -8,10 +8,11 @@ On the first ``rotary_dim`` columns of each head, with halves ``x1, x2`` and ``c
 and the remaining ``head_dim - rotary_dim`` columns are copied (partial rotary). Each product is rounded to the
 tensor's dtype before the sum, as eager PyTorch rounds it, so a rewrite changes nothing but speed.
 
-Tensors are seen as 4-D ``(n0, n1, n2, head_dim)`` with any strides. cos and sin, broadcast to that shape, are
-constant along one of the three leading dims, the *heads* dim (``H`` in ``(B, H, T, D)`` with cos
-``(B, 1, T, D)``, or in ``(B, T, H, D)`` with cos ``(B, T, 1, D)``); the other two are *positions*. A program
-takes one position, loads its cos/sin row once and rotates every head of q and then of k there.
+Tensors are seen as 4-D ``(n0, n1, n2, head_dim)`` with any strides, and their leading dims as one list of
+*rows* (one head at one position each), the heads fastest. A program rotates ``BLOCK_R`` rows of q or of k: every
+program has the same small amount of work, so the launch keeps HBM busy at any batch size, and k's few heads waste
+no masked lanes of q's tiles. cos and sin are read through their broadcast (stride 0) strides; the rows of a tile
+are heads of one position, so they share one cos/sin row.
 """
 
 from __future__ import annotations
@@ -25,131 +26,113 @@ import triton.language as tl
 from liger_compile.kernels._launch import traceable
 from liger_compile.kernels._math import round_to
 
-# Elements per tile of x1 (and of x2): rows of heads × half the rotary columns. Chosen on an H100 by
-# benchmarks/tune_rope.py (bf16, 32 q and 8 k heads of 128, batch 4 and 1 × 4096 positions): within 2% of the
-# best setting of each pass and shape.
-TILE_ELEMENTS = 2048
-NUM_WARPS = 4
+# Elements per tile of x1 (and of x2): rows × half the rotary columns. Chosen on an H200 by
+# benchmarks/tune_rope.py (bf16, 32 q and 8 k heads of 128; batch 4 and 1 × 4096 positions, 8 × 1024): the
+# fastest forward + backward on each shape.
+TILE_ELEMENTS = 512
+NUM_WARPS = 1
 
 
 @triton.jit
-def _sin_halves(at, half_offset, mask, BACKWARD: tl.constexpr):
-    """The halves of a sin row in fp32; for the backward rotation, (-s2, -s1)."""
-    s1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(at + half_offset, mask=mask, other=0.0).to(tl.float32)
+def _rotate_rows(X, OUT, COS, SIN, first_row, n_rows, n1, n2, sx0, sx1, sx2, sxd, so0, so1, so2, sod,
+                 sc0, sc1, sc2, scd, HALF: tl.constexpr, PASS: tl.constexpr, BACKWARD: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    """Rotate rows ``first_row ..`` (of ``n_rows``, indexing dims of sizes (n_rows / (n1 n2), n1, n2)) of X into
+    OUT."""
+    dtype: tl.constexpr = OUT.dtype.element_ty
+    rows = first_row + tl.arange(0, BLOCK_R).to(tl.int64)
+    i2, i1, i0 = rows % n2, (rows // n2) % n1, rows // (n1 * n2)
+    x_row = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
+    out_row = (i0 * so0 + i1 * so1 + i2 * so2)[:, None]
+    cos_row = (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None]
+    row_mask = (rows < n_rows)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = row_mask & (cols < HALF)
+    c_at = cos_row + cols * scd
+    c1 = tl.load(COS + c_at, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + c_at + HALF * scd, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + c_at, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + c_at + HALF * scd, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         s1, s2 = -s2, -s1
-    return s1, s2
+    x_at = X + x_row + cols * sxd
+    x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_at + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+    out1 = round_to(x1 * c1, dtype) - round_to(x2 * s1, dtype)
+    out2 = round_to(x2 * c2, dtype) + round_to(x1 * s2, dtype)
+    out_at = OUT + out_row + cols * sod
+    tl.store(out_at, out1.to(dtype), mask=mask)
+    tl.store(out_at + HALF * sod, out2.to(dtype), mask=mask)
+    if PASS > 0:
+        pass_cols = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = row_mask & (pass_cols < 2 * HALF + PASS)
+        passed = tl.load(X + x_row + pass_cols * sxd, mask=pass_mask)
+        tl.store(OUT + out_row + pass_cols * sod, passed, mask=pass_mask)
 
 
 @triton.jit
-def _rotate_heads(X, OUT, x_offset, out_offset, n_heads, stride_xh, stride_xd, stride_oh, stride_od,
-                  c1, c2, s1, s2, COS, SIN, cos_offset, stride_ch, stride_cd,
-                  HALF: tl.constexpr, PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, BACKWARD: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    """Rotate the `n_heads` rows of one position of X into OUT, BLOCK_H heads at a time."""
-    dtype: tl.constexpr = OUT.dtype.element_ty
-    cols = tl.arange(0, BLOCK_HALF)[None, :]
-    col_mask = cols < HALF
-    for first_head in range(0, n_heads, BLOCK_H):
-        heads = (first_head + tl.arange(0, BLOCK_H))[:, None].to(tl.int64)
-        mask = (heads < n_heads) & col_mask
-        if COS_PER_HEAD:
-            c_at = cos_offset + heads * stride_ch + cols * stride_cd
-            cos1 = tl.load(COS + c_at, mask=mask, other=0.0).to(tl.float32)
-            cos2 = tl.load(COS + c_at + HALF * stride_cd, mask=mask, other=0.0).to(tl.float32)
-            sin1, sin2 = _sin_halves(SIN + c_at, HALF * stride_cd, mask, BACKWARD)
-        else:
-            cos1, cos2, sin1, sin2 = c1, c2, s1, s2
-        x_at = X + x_offset + heads * stride_xh + cols * stride_xd
-        x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_at + HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        out1 = round_to(x1 * cos1, dtype) - round_to(x2 * sin1, dtype)
-        out2 = round_to(x2 * cos2, dtype) + round_to(x1 * sin2, dtype)
-        out_at = OUT + out_offset + heads * stride_oh + cols * stride_od
-        tl.store(out_at, out1.to(dtype), mask=mask)
-        tl.store(out_at + HALF * stride_od, out2.to(dtype), mask=mask)
-        if PASS > 0:
-            pass_cols = tl.arange(0, BLOCK_PASS)[None, :]
-            pass_mask = (heads < n_heads) & (pass_cols < PASS)
-            passed = tl.load(X + x_offset + heads * stride_xh + (2 * HALF + pass_cols) * stride_xd, mask=pass_mask)
-            tl.store(OUT + out_offset + heads * stride_oh + (2 * HALF + pass_cols) * stride_od, passed,
-                     mask=pass_mask)
+def _rope_kernel(Q, K, QO, KO, COS, SIN, q_programs, n_rows_q, n_rows_k, n1_q, n2_q, n1_k, n2_k,
+                 sq0, sq1, sq2, sqd, sk0, sk1, sk2, skd, sqo0, sqo1, sqo2, sqod, sko0, sko1, sko2, skod,
+                 scq0, scq1, scq2, sck0, sck1, sck2, scd,
+                 HALF: tl.constexpr, PASS: tl.constexpr, BACKWARD: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    program = tl.program_id(0)
+    if program < q_programs:
+        _rotate_rows(Q, QO, COS, SIN, program.to(tl.int64) * BLOCK_R, n_rows_q, n1_q, n2_q, sq0, sq1, sq2, sqd,
+                     sqo0, sqo1, sqo2, sqod, scq0, scq1, scq2, scd,
+                     HALF, PASS, BACKWARD, BLOCK_R, BLOCK_HALF, BLOCK_PASS)
+    elif K is not None:  # compiled only for a pair; a single tensor launches q's programs alone
+        _rotate_rows(K, KO, COS, SIN, (program - q_programs).to(tl.int64) * BLOCK_R, n_rows_k, n1_k, n2_k,
+                     sk0, sk1, sk2, skd, sko0, sko1, sko2, skod, sck0, sck1, sck2, scd,
+                     HALF, PASS, BACKWARD, BLOCK_R, BLOCK_HALF, BLOCK_PASS)
 
 
-@triton.jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN, n_inner, n_heads_q, n_heads_k,
-                 sq_outer, sq_inner, sq_head, sq_col, sk_outer, sk_inner, sk_head, sk_col,
-                 sqo_outer, sqo_inner, sqo_head, sqo_col, sko_outer, sko_inner, sko_head, sko_col,
-                 sc_outer, sc_inner, sc_head, sc_col,
-                 HALF: tl.constexpr, PASS: tl.constexpr, COS_PER_HEAD: tl.constexpr, BACKWARD: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    position = tl.program_id(0).to(tl.int64)
-    outer, inner = position // n_inner, position % n_inner
-    cos_offset = outer * sc_outer + inner * sc_inner
-    c1, c2, s1, s2 = 0.0, 0.0, 0.0, 0.0
-    if not COS_PER_HEAD:  # one cos/sin row serves every head of q and k here
-        cols = tl.arange(0, BLOCK_HALF)[None, :]
-        c_at = cos_offset + cols * sc_col
-        c1 = tl.load(COS + c_at, mask=cols < HALF, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + c_at + HALF * sc_col, mask=cols < HALF, other=0.0).to(tl.float32)
-        s1, s2 = _sin_halves(SIN + c_at, HALF * sc_col, cols < HALF, BACKWARD)
-    _rotate_heads(Q, QO, outer * sq_outer + inner * sq_inner, outer * sqo_outer + inner * sqo_inner, n_heads_q,
-                  sq_head, sq_col, sqo_head, sqo_col, c1, c2, s1, s2, COS, SIN, cos_offset, sc_head, sc_col,
-                  HALF, PASS, COS_PER_HEAD, BACKWARD, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-    if K is not None:
-        _rotate_heads(K, KO, outer * sk_outer + inner * sk_inner, outer * sko_outer + inner * sko_inner, n_heads_k,
-                      sk_head, sk_col, sko_head, sko_col, c1, c2, s1, s2, COS, SIN, cos_offset, sc_head, sc_col,
-                      HALF, PASS, COS_PER_HEAD, BACKWARD, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How 4-D views of the tensors split into positions (outer, inner) and heads: dims by index."""
-
-    outer: int
-    inner: int
-    heads: int
-    cos_per_head: bool  # cos varies along the heads dim too, so it is loaded with each tile of heads
-
-
-def layout(cos_shape, differing=()) -> Layout:
-    """The heads dim is the last leading dim along which 4-D cos has size 1 (dim 1 if there is none), preferring
-    one of the `differing` dims, where q and k of a pair have different sizes: with a single position (batch and
-    sequence of 1, as in decoding) cos has size 1 along every leading dim."""
+def heads_dim(cos_shape, differing=()) -> int:
+    """The heads dim of 4-D shapes: the last leading dim along which 4-D cos has size 1 (dim 1 if there is none),
+    preferring one of the `differing` dims, where q and k of a pair have different sizes: with a single position
+    (batch and sequence of 1, as in decoding) cos has size 1 along every leading dim."""
     broadcast = [d for d in range(3) if cos_shape[d] == 1]
     preferred = [d for d in broadcast if d in differing]
-    heads = (preferred or broadcast or [1])[-1]
-    outer, inner = (d for d in range(3) if d != heads)
-    return Layout(outer, inner, heads, cos_per_head=not broadcast)
+    return (preferred or broadcast or [1])[-1]
 
 
 def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
          q_out: torch.Tensor, k_out: torch.Tensor | None, *, backward: bool) -> None:
     """Rotate 4-D `q` (and `k`, if given) into `q_out` (`k_out`), any strides.
 
-    `cos` and `sin` are 4-D, of one shape, with an even last dim ``rotary_dim`` ≤ head_dim, broadcastable to q's
-    and k's leading dims; q and k agree on every dim but the heads dim (see `layout`). `backward` applies the
-    transposed rotation (to the output gradients, giving the input gradients).
+    `cos` and `sin` are 4-D, of one shape and one set of strides, with an even last dim ``rotary_dim`` ≤ head_dim,
+    broadcastable to q's and k's leading dims. `backward` applies the transposed rotation (to the output
+    gradients, giving the input gradients).
     """
-    lay = layout(cos.shape, () if k is None else [d for d in range(3) if q.shape[d] != k.shape[d]])
-    full_cos, full_sin = (t.expand(*q.shape[:3], t.shape[3]) for t in (cos, sin))
-    n_outer, n_inner = q.shape[lay.outer], q.shape[lay.inner]
-    if n_outer * n_inner == 0:
-        return
     half, head_dim = cos.shape[3] // 2, q.shape[3]
+    # Rows run along the heads fastest, so that a tile's rows share one cos/sin row. Any order is exact: this one
+    # is read from cos's shape alone, so that tracing it adds no guard on strides.
+    heads = heads_dim(cos.shape)
+    order = [d for d in range(3) if d != heads] + [heads]
+    pairs = [(q, q_out)] + ([] if k is None else [(k, k_out)])
+    n_rows = [x.shape[:3].numel() for x, _ in pairs]
     block_half = triton.next_power_of_2(half)
-    block_h = max(1, min(TILE_ELEMENTS // block_half, triton.next_power_of_2(max(q.shape[lay.heads], 1))))
+    block_r = max(1, TILE_ELEMENTS // block_half)
+    programs = [triton.cdiv(n, block_r) for n in n_rows]
+    if sum(programs) == 0:
+        return
+
+    def sizes(x):
+        return (x.shape[order[1]], x.shape[order[2]]) if x is not None else (1, 1)
 
     def strides(t):
-        return (0, 0, 0, 0) if t is None else (t.stride(lay.outer), t.stride(lay.inner), t.stride(lay.heads), t.stride(3))
+        return (0, 0, 0, 0) if t is None else (*(t.stride(d) for d in order), t.stride(3))
+
+    def cos_strides(x):
+        return (0, 0, 0) if x is None else strides(cos.expand(*x.shape[:3], cos.shape[3]))[:3]
 
     # Without k, its pointers are None (a compile-time constant), not q's: torch.compile's functionalization
     # would otherwise see two mutated outputs aliasing one buffer.
-    traceable(_rope_kernel)[(n_outer * n_inner,)](
-        q, k, q_out, k_out, full_cos, full_sin, n_inner, q.shape[lay.heads], 0 if k is None else k.shape[lay.heads],
-        *strides(q), *strides(k), *strides(q_out), *strides(k_out), *strides(full_cos),
-        HALF=half, PASS=head_dim - 2 * half, COS_PER_HEAD=lay.cos_per_head, BACKWARD=backward,
-        BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(head_dim - 2 * half, 1)),
+    traceable(_rope_kernel)[(sum(programs),)](
+        q, k, q_out, k_out, cos, sin, programs[0], n_rows[0], n_rows[-1] if k is not None else 0,
+        *sizes(q), *sizes(k), *strides(q), *strides(k), *strides(q_out), *strides(k_out),
+        *cos_strides(q), *cos_strides(k), cos.stride(3),
+        HALF=half, PASS=head_dim - 2 * half, BACKWARD=backward,
+        BLOCK_R=block_r, BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(head_dim - 2 * half, 1)),
         num_warps=NUM_WARPS,
     )

@@ -86,11 +86,12 @@ def _padded(shape) -> tuple:
 
 def position_sizes(q_shape, k_shape, cos_shape, differing) -> tuple[tuple, tuple]:
     """The sizes of q's and k's two position dims, the leading dims other than the heads dim (see
-    `liger_compile.kernels.rope.layout`; `differing`: the dims of the unpadded shapes where q and k differ): q and k
-    of one rope_pair must agree on them."""
+    `liger_compile.kernels.rope.heads_dim`;
+    `differing`: the dims of the unpadded shapes where q and k differ): q and k of one rope_pair must agree on
+    them."""
     offset = MAX_DIMS - len(q_shape)
-    layout = kernels.layout(_padded(cos_shape), [d + offset for d in differing])
-    return tuple((padded[layout.outer], padded[layout.inner]) for padded in (_padded(q_shape), _padded(k_shape)))
+    heads = kernels.heads_dim(_padded(cos_shape), [d + offset for d in differing])
+    return tuple(tuple(padded[d] for d in range(3) if d != heads) for padded in (_padded(q_shape), _padded(k_shape)))
 
 
 def _check_pair_layout(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> None:
