@@ -1,7 +1,7 @@
 """FX rewrites of Dynamo graphs onto liger ops: one module per op family, plus the pass manager."""
 
 from liger_compile.passes import (
-    cross_entropy, divergence, embedding, glu, int2_matmul, layer_norm, residual_norm, rms_norm, rope,
+    attention, cross_entropy, divergence, embedding, glu, int2_matmul, layer_norm, residual_norm, rms_norm, rope,
 )
 from liger_compile.passes.manager import Family, NearMiss, PassFailure, PassResult, Rewrite, run_passes
 
@@ -12,6 +12,7 @@ FAMILIES: dict[str, Family] = {
     residual_norm.FAMILY: residual_norm.apply,  # on the norms the two families above made
     glu.FAMILY: glu.apply,
     rope.FAMILY: rope.apply,
+    attention.FAMILY: attention.apply,
     cross_entropy.FAMILY: cross_entropy.apply,
     divergence.FAMILY: divergence.apply,
     embedding.FAMILY: embedding.apply,

@@ -68,8 +68,8 @@ def test_unknown_family_in_the_environment_is_refused(monkeypatch):
 
 def test_inductor_options_pass_through():
     config = resolve({"rms_norm": True, "max_autotune": True})
-    assert config.families == ("layer_norm", "rms_norm", "glu", "rope", "cross_entropy", "divergence", "embedding",
-                               "int2_matmul")
+    assert config.families == ("layer_norm", "rms_norm", "glu", "rope", "attention", "cross_entropy", "divergence",
+                               "embedding", "int2_matmul")
     assert config.inductor_options == {"max_autotune": True}
 
 
@@ -119,7 +119,8 @@ def test_optimize_and_explain():
 
     report = liger_compile.explain(compiled, x)
     assert report.counts() == {"layer_norm": 0, "rms_norm": 1, "residual_norm": 0, "glu": 0, "rope": 0,
-                               "cross_entropy": 0, "divergence": 0, "embedding": 0, "int2_matmul": 0}
+                               "attention": 0, "cross_entropy": 0, "divergence": 0, "embedding": 0,
+                               "int2_matmul": 0}
     summary = report.to_dict()
     assert summary["counts"] == report.counts() and summary["near_misses"] == []
     assert summary["rewrites"][0]["variant"] == "torch.rms_norm"

@@ -37,14 +37,14 @@ class TestCustomModels(TestCase):
     def test_nanogpt(self):
         # LayerNorm: 2 layers x (ln_1 + ln_2) + ln_f; an ungated GELU MLP and learned position embeddings
         self.assertExpectedInline(
-            str(parity(NanoGPT).counts()), """{'layer_norm': 5, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 2, 'int2_matmul': 0}""")
+            str(parity(NanoGPT).counts()), """{'layer_norm': 5, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 0, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 2, 'int2_matmul': 0}""")
 
     def test_meta_reference_llama(self):
         # 2 layers x (attention_norm + ffn_norm) + final norm, all `.type_as(x) * weight`; w2(silu(w1(x)) * w3(x));
         # RoPE by complex multiplication (interleaved pairs): reported for xq and xk, not rewritten
         report = parity(MetaLlama)
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 0, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertEqual([m.family for m in report.near_misses], ["rope"] * 4)
         self.assertIn("view_as_complex", report.near_misses[0].reason)
 
@@ -53,6 +53,6 @@ class TestCustomModels(TestCase):
         # rotate_half RoPE on (B, T, H, D) heads, q and k together
         report = parity(FusedLlama)
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertEqual({r.variant for r in report.rewrites if r.family == "glu"}, {"swiglu packed"})
         self.assertEqual(report.near_misses, [])

@@ -47,7 +47,7 @@ class TestRewriteCounts(TestCase):
         # loss, on logits the model also returns (optimize() drops them to fuse the lm_head); the token embedding
         report = train_step_parity("llama")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertEqual({r.variant for r in report.rewrites},
                          {"fp32", "swiglu", "q+k", "logits (the logits are also used elsewhere, e.g. returned)",
                           "F.embedding"})
@@ -57,60 +57,60 @@ class TestRewriteCounts(TestCase):
         # as Llama
         report = train_step_parity("mistral")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
     def test_gemma(self):
         # Gemma's (1 + weight) norms: same 5 as Llama; its MLP is GeGLU with gelu_pytorch_tanh
         report = train_step_parity("gemma")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertIn("geglu_tanh", {r.variant for r in report.rewrites})
 
     def test_qwen3(self):
         # Llama's 5 plus q_norm and k_norm over head_dim in each layer
         report = train_step_parity("qwen3")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 9, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 9, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
     def test_phi3(self):
         # one fused gate_up projection per layer, split by chunk: read whole by the packed op
         report = train_step_parity("phi3")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertIn("swiglu packed", {r.variant for r in report.rewrites})
 
     def test_qwen2(self):
         # as Llama (q/k/v projections with bias)
         report = train_step_parity("qwen2")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
     def test_gpt_neox(self):
         # LayerNorms: 2 layers x (input + post-attention, parallel residual) + final; a plain GELU MLP; RoPE
         # partial (half of head_dim rotated), q and k split from one fused qkv projection
         report = train_step_parity("gpt_neox")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 5, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 5, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertEqual({r.variant for r in report.rewrites if r.family == "rope"}, {"q+k partial"})
 
     def test_gpt2(self):
         # LayerNorms: 2 layers x (ln_1 + ln_2) + ln_f; learned positions, no RoPE; a GELU MLP
         report = train_step_parity("gpt2")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 5, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 2, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 5, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 0, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 2, 'int2_matmul': 0}""")
 
     def test_phi(self):
         # one LayerNorm per layer (attention and MLP in parallel) + final; partial RoPE
         report = train_step_parity("phi")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 3, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 3, 'rms_norm': 0, 'residual_norm': 0, 'glu': 0, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
     def test_cohere(self):
         # LayerNorm written out in fp32 without bias (one per layer, parallel block, + final): the arithmetic
         # matcher; Cohere's interleaved RoPE is not rotate_half
         report = train_step_parity("cohere")
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 3, 'rms_norm': 0, 'residual_norm': 0, 'glu': 2, 'rope': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 3, 'rms_norm': 0, 'residual_norm': 0, 'glu': 2, 'rope': 0, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertEqual({r.variant for r in report.rewrites if r.family == "layer_norm"},
                          {"arithmetic * weight (cast back)"})
 
@@ -125,13 +125,13 @@ class TestRewriteCounts(TestCase):
         # and the next layer's input norm, and the final norm): 4 of the 5 take their sum with them
         report = train_step_parity("llama", options={"residual_norm": True})
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 4, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 4, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
     def test_llama_with_gradient_checkpointing(self):
         # the per-layer norms and MLPs now sit inside checkpoint bodies (nested graphs): still found
         report = train_step_parity("llama", checkpointing=True)
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Inductor's CPU codegen costs ~30 s a model; the e2e test covers it")
