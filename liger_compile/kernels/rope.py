@@ -17,8 +17,6 @@ are heads of one position, so they share one cos/sin row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
