@@ -108,7 +108,8 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.
     heads = heads_dim(cos.shape)
     order = [d for d in range(3) if d != heads] + [heads]
     pairs = [(q, q_out)] + ([] if k is None else [(k, k_out)])
-    n_rows = [x.shape[:3].numel() for x, _ in pairs]
+    # Multiplied out: torch.Size.numel() specializes symbolic sizes under torch.compile (torch 2.11).
+    n_rows = [x.shape[0] * x.shape[1] * x.shape[2] for x, _ in pairs]
     block_half = triton.next_power_of_2(half)
     block_r = max(1, TILE_ELEMENTS // block_half)
     programs = [triton.cdiv(n, block_r) for n in n_rows]

@@ -14,6 +14,10 @@ cos and sin share a dtype, which may differ from x's: the result then has the pr
 (bf16 q and k from an autocast linear times HF's fp32 cos and sin give fp32). Each product is rounded to the
 result's dtype before the sum, as in eager PyTorch, and in backward to x's. Backward is the rotation by −sin and
 saves nothing but cos and sin; cos and sin get no gradient (an error says so if they require one).
+
+Each output is laid out in memory as its input is (``torch.empty_like``'s rule), as a rotation in place would
+leave it: q and k made by ``view(B, T, H, D).transpose(1, 2)`` stay (B, T, H, D) in memory, so attention reads
+them as they came from the projection and the ``transpose(1, 2).contiguous()`` after it copies nothing.
 """
 
 from __future__ import annotations
@@ -136,24 +140,18 @@ def _rotate(xs, cos, sin, layouts, dtype: torch.dtype, backward: bool):
     return outs
 
 
-def _contiguous(t: torch.Tensor) -> list[int]:
-    return list(range(t.dim()))
-
-
 def _check_no_cos_grad(op: str, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if cos.requires_grad or sin.requires_grad:
         fail(op, "cos and sin get no gradient from this op, but one of them requires grad: detach them, or keep "
                  "the PyTorch code for learned rotary embeddings")
 
 
-# Outputs are contiguous, as eager's ``x * cos + ...`` is for HF's transposed heads; so are the incoming
-# gradients then, which AOTAutograd would otherwise copy to its traced layout. Input gradients take the
-# inputs' memory layout (passed to the backward ops), so that the backward of ``view(B, T, H, D).transpose(1,
-# 2)`` that made q is free.
+# Outputs and input gradients take the layout of the tensors they stand for (see the module docstring), so
+# that the backward of the ``view(B, T, H, D).transpose(1, 2)`` that made q is free too.
 @define_op("rope")
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _check("rope", {"x": x}, cos, sin)
-    (out,) = _rotate((x,), cos, sin, [_contiguous(x)], result_dtype(x, cos), backward=False)
+    (out,) = _rotate((x,), cos, sin, [physical_layout(x)], result_dtype(x, cos), backward=False)
     return out
 
 
@@ -172,7 +170,7 @@ def _rope_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("rope_pair", {"q": q, "k": k}, cos, sin)
     _check_pair_layout("rope_pair", q, k, cos)
-    return _rotate((q, k), cos, sin, [_contiguous(q), _contiguous(k)], result_dtype(q, cos), backward=False)
+    return _rotate((q, k), cos, sin, [physical_layout(q), physical_layout(k)], result_dtype(q, cos), backward=False)
 
 
 @define_op("rope_pair_backward")

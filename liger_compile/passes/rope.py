@@ -5,7 +5,9 @@
 the sum and of each product. Partial rotary (GPT-NeoX, Phi, StableLM, GLM) is taken whole: when ``x`` is
 ``t[..., :r]`` and the result's only user is ``cat((result, t[..., r:]), -1)``, the op rotates ``t`` and passes
 its other columns through. When two such rotations share their cos and sin (q and k of one attention), one
-``liger::rope_pair`` launch does both, and the report counts them as one rewrite (variant ``q+k``).
+``liger::rope_pair`` launch does both, and the report counts them as one rewrite (variant ``q+k``). The op's
+output keeps its input's memory layout, as eager's sum does in HF's operand order; where eager's is contiguous
+instead, users that depend on strides get a contiguous copy.
 
 Everything that makes the rewrite exact is checked from node meta: float dtypes, one for cos and sin, the
 result's and every product's the promotion of x's and theirs (fp32 for the bf16 q and k an autocast linear makes
@@ -21,6 +23,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from liger_compile.ops._library import FLOAT_DTYPES
@@ -59,13 +62,44 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
     pairs = _pairs(graph, matches)
     for first, second in pairs:
         record.rewrite(first.final, "q+k" + (" partial" if first.partial else ""))
-        rewriter.replace_several([first.final, second.final], _PAIR_TARGET,
-                                 (first.x, second.x, first.cos, first.sin), first.nodes + second.nodes)
+        pair = rewriter.replace_several([first.final, second.final], _PAIR_TARGET,
+                                        (first.x, second.x, first.cos, first.sin), first.nodes + second.nodes)
+        for rotated in list(pair.users):
+            _contiguous_for_layout_readers(graph, rotated)
     paired = {id(m) for pair in pairs for m in pair}
     for match in matches:
         if id(match) not in paired:
             record.rewrite(match.final, "single" + (" partial" if match.partial else ""))
-            rewriter.replace(match.final, _TARGET, (match.x, match.cos, match.sin), match.nodes)
+            _contiguous_for_layout_readers(
+                graph, rewriter.replace(match.final, _TARGET, (match.x, match.cos, match.sin), match.nodes))
+
+
+# Users that read a tensor's values (or shape) whatever its strides, and views whose own users see its layout.
+_LAYOUT_FREE_USERS = {F.scaled_dot_product_attention, torch.matmul, operator.matmul, "matmul", torch.reshape,
+                      "reshape", "contiguous", torch.cat, "size", "dim"}
+_LAYOUT_PASSING_VIEWS = {operator.getitem, torch.transpose, "transpose", "expand", torch.unsqueeze, "unsqueeze"}
+
+
+def _only_layout_free_users(node: fx.Node) -> bool:
+    return all(
+        user.op in ("call_function", "call_method")
+        and (user.target in _LAYOUT_FREE_USERS
+             or (user.target in _LAYOUT_PASSING_VIEWS and _only_layout_free_users(user)))
+        for user in node.users)
+
+
+def _contiguous_for_layout_readers(graph: fx.Graph, rotated: fx.Node) -> None:
+    """The op's output keeps its input's memory layout. So does eager's ``x * cos + rotate_half(x) * sin`` (its
+    first operand's); other spellings and partial rotary give a contiguous tensor. There, unless every use reads
+    only values (attention, matmul, reshape, ...), the users get the contiguous copy eager made: a ``view`` or a
+    graph output depends on the strides."""
+    eager = tensor_meta(rotated)
+    if eager is None or not eager.is_contiguous() or _only_layout_free_users(rotated):
+        return
+    with graph.inserting_after(rotated):
+        copy = graph.call_method("contiguous", (rotated,))
+    copy.meta.update(rotated.meta)
+    rotated.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
 
 
 def _pairs(graph: fx.Graph, matches: list[_Match]) -> list[tuple[_Match, _Match]]:

@@ -1,12 +1,16 @@
 """The RoPE rewrite: each spelling of ``x * cos + rotate_half(x) * sin`` (q and k paired, partial rotary taken
 whole) is rewritten exactly; near-misses are left alone and reported."""
 
+import operator
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_partial_rope
 
+from liger_compile.passes import FAMILIES, run_passes
 from tests.conftest import DEVICE
 from tests.helpers import check_rewrite as check_family_rewrite, compile_and_report
 
@@ -64,7 +68,10 @@ class RotaryAttentionInputs(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         q, k = self.apply_rope(q, k, cos, sin, 1 if self.heads_first else 2)
-        return torch.cat([q.reshape(batch, -1), k.reshape(batch, -1)], dim=-1)
+        return self.combine(q, k)
+
+    def combine(self, q, k):
+        return torch.cat([q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1)], dim=-1)
 
 
 def check_rewrite(module, expected_rewrites, dtype=torch.float32):
@@ -123,6 +130,71 @@ def test_q_alone_and_separately_unsqueezed_cos_give_single_ops():
 
     assert [r.variant for r in check_rewrite(RotaryAttentionInputs(q_only), 1).rewrites] == ["single"]
     assert [r.variant for r in check_rewrite(RotaryAttentionInputs(own_unsqueezes), 2).rewrites] == ["single"] * 2
+
+
+class RotaryAttention(RotaryAttentionInputs):
+    """The rotated heads go into attention, whose output is flattened as HF does."""
+
+    def combine(self, q, k):
+        out = F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).contiguous().reshape(out.shape[0], -1)
+
+
+def rotate_first(q, k, cos, sin, unsqueeze_dim):
+    """Eager's sum takes its first operand's layout: contiguous here (the cat's), the heads' for HF's order."""
+    return both(rotate_half, lambda x, cos, sin, rotate: rotate(x) * sin + x * cos)(q, k, cos, sin, unsqueeze_dim)
+
+
+class RotatedHeadsViewed(RotaryAttentionInputs):
+    """``view`` needs the contiguous layout this eager code gives the rotated heads."""
+
+    def combine(self, q, k):
+        return torch.cat([q.view(q.shape[0], -1), k.view(k.shape[0], -1)], dim=-1)
+
+
+class RotatedQReturned(RotaryAttentionInputs):
+    """The rotated q is the graph's output, whose strides must be eager's (k is not rotated)."""
+
+    def __init__(self, apply):
+        super().__init__(lambda q, k, cos, sin, unsqueeze_dim: (apply(q, q, cos, sin, unsqueeze_dim)[0], k))
+
+    def combine(self, q, k):
+        return q
+
+
+def layout_copies(module, x):
+    """The ``contiguous`` copies of rope outputs in the graph the rope family makes of `module`'s Dynamo graph."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.compile(module, backend=capture)(x)
+    rewritten, _result = run_passes(captured[0], {"rope": FAMILIES["rope"]})
+    rope_ops = (torch.ops.liger.rope.default, torch.ops.liger.rope_pair.default)
+
+    def from_rope(node):
+        return node.target in rope_ops or (node.target is operator.getitem and node.args[0].target in rope_ops)
+    return [n for n in rewritten.graph.nodes if n.target == "contiguous" and from_rope(n.args[0])]
+
+
+@pytest.mark.parametrize("heads_first", [True, False], ids=["BHTD", "BTHD"])
+def test_rotated_heads_keep_their_layout_where_only_values_are_read(heads_first):
+    module = RotaryAttention(llama_rope, heads_first=heads_first)
+    check_rewrite(module, 1)
+    assert layout_copies(module, torch.randn(2, 5, HIDDEN, device=DEVICE)) == []
+
+
+@pytest.mark.parametrize("module,copies", [
+    (RotatedHeadsViewed(rotate_first), 2), (RotatedQReturned(rotate_first), 1), (RotatedQReturned(llama_rope), 0),
+], ids=["viewed", "returned", "returned_in_heads_layout"])
+def test_rotated_heads_read_through_their_strides_get_eager_layout(module, copies):
+    check_rewrite(module, 1)
+    x = torch.randn(2, 5, HIDDEN, device=DEVICE)
+    assert len(layout_copies(module, x)) == copies
+    actual, _report = compile_and_report(module, x)
+    assert actual.stride() == module(x).stride()
 
 
 def rotate_half_wrong_way(x):
