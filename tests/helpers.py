@@ -90,3 +90,18 @@ def check_rewrite(module, x, family: str, expected_rewrites: int, **options):
 def variants(report, family: str) -> list[str]:
     """The variants `family` rewrote, in graph order."""
     return [r.variant for r in report.rewrites if r.family == family]
+
+
+def rewritten_graph(fn, *args, families=None):
+    """The graph the rewrite families (all, or those named) make of `fn`'s Dynamo graph for `args`."""
+    from liger_compile.passes import FAMILIES, run_passes
+
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=capture)(*args)
+    rewritten, _result = run_passes(captured[0], {name: FAMILIES[name] for name in families or FAMILIES})
+    return rewritten.graph

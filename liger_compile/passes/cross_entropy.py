@@ -142,6 +142,10 @@ def _absorb_producers(match: _Match, logits: fx.Node) -> None:
         if not isinstance(node, fx.Node) or only_user(node) is not user:
             match.why_not_fused = "the logits are also used elsewhere, e.g. returned"
             break
+        if node.op == "placeholder":
+            match.why_not_fused = ("the logits are an input of this graph: what made them is in another one (a "
+                                   "graph break, a DDP bucket or an FSDP module boundary)")
+            break
         call = canonical(node)
         softcap = _softcap(node) if match.softcap is None else None
         step = None

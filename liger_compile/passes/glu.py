@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.utils.checkpoint import CheckpointPolicy
 
 from liger_compile.ops._library import FLOAT_DTYPES
 from liger_compile.passes.graph import (
@@ -31,6 +30,7 @@ from liger_compile.passes.graph import (
     only_user,
     last_dim_half,
     other_operand,
+    recompute_in_backward,
     same_shape,
     scalar_and_tensor,
     tensor_meta,
@@ -75,10 +75,9 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
             source, split_nodes = packed
             new = rewriter.replace(match.final, _PACKED_TARGET, (source, match.activation),
                                    match.nodes + split_nodes)
-        # The product is as large as both inputs together, and backward keeps those anyway: recompute it there
-        # (for the down projection's weight gradient) instead of saving it, as Inductor does for its own
-        # pointwise kernels. AOTAutograd copies this tag onto the nodes traced from this one.
-        new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+        # The product, as large as both inputs together, is recomputed for the down projection's weight gradient
+        # (backward keeps the inputs anyway), as Inductor does for its own pointwise kernels.
+        recompute_in_backward(new, match.final)
 
 
 def _match(mul: fx.Node, x, y) -> _Match | None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils.checkpoint import CheckpointPolicy
 
 # Canonical name -> positional parameter names (keyword arguments keep their own names).
 _PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -388,6 +389,14 @@ def _copy_meta(source: fx.Node, target: fx.Node) -> None:
     for key in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in source.meta:
             target.meta[key] = source.meta[key]
+
+
+def recompute_in_backward(new: fx.Node, replaced: fx.Node) -> None:
+    """Have AOTAutograd's partitioner recompute `new`'s op in backward instead of saving its output, unless the
+    code it replaced carried a policy of its own (selective activation checkpointing). AOTAutograd copies the tag
+    onto the nodes traced from `new`. For ops whose inputs backward keeps anyway and whose output is as large as
+    they are: the recomputation is one cheap kernel, the saving a whole activation."""
+    new.meta["recompute"] = replaced.meta.get("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
 
 
 def derived(graph: fx.Graph, function, args: tuple) -> fx.Node:

@@ -43,6 +43,7 @@ from liger_compile.passes.graph import (
     number,
     only_user,
     other_operand,
+    recompute_in_backward,
     reduced_dims,
     same_shape,
     tensor_meta,
@@ -78,7 +79,9 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
     for match in find_matches(graph, record, _match_at):
         record.rewrite(match.final, match.variant)
         args = (match.x, match.weight, match.bias, match.eps)
-        rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared)
+        # The normalized output is saved only for the next linear layer's weight gradient; backward keeps the
+        # input and the statistics anyway, so one more pass over the input makes it again.
+        recompute_in_backward(rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared), match.final)
 
 
 def _check_input(x: fx.Node) -> torch.Tensor:

@@ -32,6 +32,7 @@ from liger_compile.passes.graph import (
     only_user,
     other_operand,
     Rewriter,
+    recompute_in_backward,
     reduced_dims,
     same_shape,
     scalar_and_tensor,
@@ -78,7 +79,9 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
     for match in find_matches(graph, record, _match_at):
         args = (match.x, match.weight, match.eps, match.offset, match.casting_mode)
         record.rewrite(match.final, match.variant)
-        rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared)
+        # The normalized output is saved only for the next linear layer's weight gradient; backward keeps the
+        # input and the statistics anyway, so one more pass over the input makes it again.
+        recompute_in_backward(rewriter.replace(match.final, _TARGET, args, match.nodes + match.shared), match.final)
 
 
 

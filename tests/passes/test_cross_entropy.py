@@ -117,6 +117,16 @@ def test_logits_not_from_a_linear_layer():
     assert variants(report) == ["logits (logits not made by a linear layer)"]
 
 
+def test_logits_from_another_graph_fragment_are_reported_as_such():
+    def loss_after_a_graph_break(logits, labels):
+        torch._dynamo.graph_break()  # as a DDP bucket or FSDP module boundary between lm_head and loss would
+        return hf_causal_lm_loss(logits, labels)
+
+    report = run(LMHeadLoss(loss_after_a_graph_break))
+    assert variants(report) == ["logits (the logits are an input of this graph: what made them is in another one "
+                                "(a graph break, a DDP bucket or an FSDP module boundary))"]
+
+
 def test_bf16_loss_without_upcast_keeps_its_dtype():
     report = run(LMHeadLoss(lambda l, y: F.cross_entropy(l.view(-1, VOCAB), y.view(-1))), torch.bfloat16)
     assert variants(report) == ["fused linear"]

@@ -10,9 +10,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_partial_rope
 
-from liger_compile.passes import FAMILIES, run_passes
 from tests.conftest import DEVICE
-from tests.helpers import check_rewrite as check_family_rewrite, compile_and_report
+from tests.helpers import check_rewrite as check_family_rewrite, compile_and_report, rewritten_graph
 
 HIDDEN, HEAD_DIM = 32, 16
 
@@ -164,19 +163,12 @@ class RotatedQReturned(RotaryAttentionInputs):
 
 def layout_copies(module, x):
     """The ``contiguous`` copies of rope outputs in the graph the rope family makes of `module`'s Dynamo graph."""
-    captured = []
-
-    def capture(gm, example_inputs):
-        captured.append(gm)
-        return gm.forward
-
-    torch.compile(module, backend=capture)(x)
-    rewritten, _result = run_passes(captured[0], {"rope": FAMILIES["rope"]})
     rope_ops = (torch.ops.liger.rope.default, torch.ops.liger.rope_pair.default)
 
     def from_rope(node):
         return node.target in rope_ops or (node.target is operator.getitem and node.args[0].target in rope_ops)
-    return [n for n in rewritten.graph.nodes if n.target == "contiguous" and from_rope(n.args[0])]
+    graph = rewritten_graph(module, x, families=["rope"])
+    return [n for n in graph.nodes if n.target == "contiguous" and from_rope(n.args[0])]
 
 
 @pytest.mark.parametrize("heads_first", [True, False], ids=["BHTD", "BTHD"])
