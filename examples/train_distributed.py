@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             torch.save({"losses": losses, "gradients": first_gradients, "counts": counts,
                         "failures": [f.error for f in report.failures]}, args.out)
+    # Last, a collective without Python tensors: gloo's worker thread would otherwise release all_gather_object's
+    # tensors (which takes the GIL) while the exiting main thread joins it (holding the GIL) - a deadlock.
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

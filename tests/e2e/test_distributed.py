@@ -4,8 +4,10 @@ gradients must equal eager training of one process on the whole batch. The backe
 graph per DDP bucket; graphs split at FSDP2's hooks), and every rewrite it makes in them must be exact."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -37,6 +39,29 @@ def eager_training(model_type: str, checkpointing: bool):
     return losses, gradients
 
 
+def run_until_written(command, out, timeout=300, exit_grace=30):
+    """Run `command` until it exits, and return `out`, which it must have written. A run still not gone
+    `exit_grace` seconds after writing `out` is killed and counted: gloo's process group can deadlock in its
+    destructor at exit (its worker thread waits for the GIL that the main thread, joining it, holds), after
+    everything was computed."""
+    log = out.with_suffix(".log")
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    started, written = time.monotonic(), None
+    while process.poll() is None:
+        now = time.monotonic()
+        written = written or (now if out.exists() else None)
+        if (written and now - written > exit_grace) or now - started > timeout:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            assert written, f"no result after {timeout} s: {log.read_text()[-3000:]}"
+            return out
+        time.sleep(0.5)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    return out
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU run (gloo); on GPUs the example runs with NCCL by hand")
 @pytest.mark.parametrize("wrapper,checkpointing", [("ddp", False), ("fsdp2", True)],
                          ids=["ddp", "fsdp2-checkpointing"])
@@ -46,10 +71,7 @@ def test_data_parallel_training_equals_one_process_on_the_whole_batch(wrapper, c
                EXAMPLE, "--wrapper", wrapper, "--steps", str(STEPS), "--compiler", "aot_eager", "--out", str(out)]
     if checkpointing:
         command.append("--checkpointing")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(out)
+    result = torch.load(run_until_written(command, out))
     losses, gradients = eager_training("llama", checkpointing)
 
     assert result["failures"] == []
