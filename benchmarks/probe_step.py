@@ -1,0 +1,133 @@
+"""Where a training step's memory and compile time go, for one mode of benchmarks/bench_e2e.py (README, "End to
+end"): the tensors autograd saves for backward, by shape and dtype (parameters left out); memory before and after
+forward and at the peak; the first step's time and torch.compile's compile-time counters; with ``--history``, a
+CUDA memory history of one step, replayed to list what is live at its peak.
+
+    python benchmarks/probe_step.py --mode liger-optimize [--preset 1b] [--batch 4] [--seq 2048]
+        [--chunk-bytes N] [--history]           (needs CUDA; prints JSON)
+
+``--chunk-bytes`` overrides the fused linear cross-entropy's chunk of logits (`AUTO_CHUNK_BYTES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import bench_e2e
+
+GIB = 2**30
+
+
+def saved_tensor_groups(step, parameters) -> tuple[float, list]:
+    """GiB of distinct storages autograd saves during one `step()`, and their (shape, dtype, count, MiB) groups."""
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved.setdefault(storage.data_ptr(), (tuple(tensor.shape), str(tensor.dtype), storage.nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    groups = collections.defaultdict(lambda: [0, 0])
+    for shape, dtype, nbytes in saved.values():
+        groups[(shape, dtype)][0] += 1
+        groups[(shape, dtype)][1] += nbytes
+    rows = sorted(([list(shape), dtype, n, round(nbytes / 2**20, 1)] for (shape, dtype), (n, nbytes) in groups.items()),
+                  key=lambda row: -row[3])
+    return sum(nbytes for *_, nbytes in saved.values()) / GIB, rows
+
+
+def peak_of_history(step) -> dict:
+    """Replays the allocations of one `step()`: the peak above the memory before it, and the blocks live there."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    step()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak, index = {}, 0, 0, {}, 0
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event["size"]
+            total += event["size"]
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])
+        if total > peak:
+            peak, at_peak, index = total, dict(live), i
+    sizes = collections.Counter(at_peak.values())
+    return dict(peak_above_start_gib=peak / GIB, peak_event=f"{index}/{len(trace)}",
+                live_at_peak=[[round(size / 2**20, 2), n] for size, n in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=bench_e2e.MODES, required=True)
+    parser.add_argument("--preset", choices=sorted(bench_e2e.PRESETS), default="1b")
+    parser.add_argument("--batch", type=int, help="default: the preset's")
+    parser.add_argument("--seq", type=int, help="default: the preset's")
+    parser.add_argument("--chunk-bytes", type=int, help="the fused linear cross-entropy's chunk of logits")
+    parser.add_argument("--history", action="store_true", help="list what is live at the peak of a step")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("probe_step: no CUDA device; this probe only measures GPUs.")
+        return 0
+    if args.chunk_bytes:
+        import liger_compile.ops._library as library
+
+        library.AUTO_CHUNK_BYTES = args.chunk_bytes
+    batch = args.batch or bench_e2e.PRESETS[args.preset]["batch"]
+    seq = args.seq or bench_e2e.PRESETS[args.preset]["seq"]
+    model = bench_e2e.build_model(args.preset)
+    forward = bench_e2e.prepare(args.mode, model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    memory = {}
+
+    def step():
+        torch.cuda.synchronize()
+        memory["before"] = torch.cuda.memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()
+        loss = forward(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        memory["after_forward"] = torch.cuda.memory_allocated() / GIB
+        memory["peak_forward"] = torch.cuda.max_memory_allocated() / GIB
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        memory["peak"] = torch.cuda.max_memory_allocated() / GIB
+
+    started = time.perf_counter()
+    step()
+    first_step = time.perf_counter() - started
+    seconds = []
+    for _ in range(6):
+        began = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - began)
+    saved_gib, groups = saved_tensor_groups(step, parameters)
+    from torch._dynamo.utils import compile_times
+
+    result = dict(mode=args.mode, preset=args.preset, batch=batch, seq=seq, chunk_bytes=args.chunk_bytes,
+                  tokens_per_s=batch * seq / statistics.median(seconds[1:]), first_step_s=first_step,
+                  memory_gib=dict(memory), saved_gib=saved_gib, saved_groups=groups,
+                  compile_times=compile_times(repr="str"))
+    if args.history:
+        result["history"] = peak_of_history(step)
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
