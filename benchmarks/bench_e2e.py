@@ -2,7 +2,8 @@
 eagerly, with Inductor, with liger-kernel's patching, and with liger-compile, each mode in its own process.
 
 Per mode: tokens/s (median step after the warm-up steps), peak memory allocated during the steady steps, time to
-the end of the first step (compilation included), and the loss of every step (all modes train on the same ids
+the end of the first step (compilation included, from empty compile caches; the JSON splits it into
+torch.compile's phases and the Triton kernels compiled in the training process), and the loss of every step (all modes train on the same ids
 from the same weights, so the losses must agree up to bf16 noise; the table gives each mode's largest relative
 difference from eager's).
 
@@ -26,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", "liger-optimize")
@@ -93,10 +95,47 @@ def prepare(mode: str, model):
     return model
 
 
+class KernelCompileTimer:
+    """Times the Triton kernels compiled in this process, by kernel name: the ones launched outside Inductor's
+    generated code (opaque ops, liger-kernel's patching) compile here, serially, on their first launch; Inductor
+    compiles its own kernels, and those of traced ops, in its pool of workers."""
+
+    def __init__(self):
+        from triton.runtime.jit import JITFunction
+
+        self.seconds: dict[str, float] = {}
+        timed = JITFunction._do_compile
+
+        def do_compile(function, *args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return timed(function, *args, **kwargs)
+            finally:
+                name = function.fn.__name__
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+        JITFunction._do_compile = do_compile
+
+    def summary(self) -> dict:
+        return dict(total_s=round(sum(self.seconds.values()), 2),
+                    by_kernel={k: round(v, 2) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])})
+
+
+def compile_phases(top: int = 25) -> dict[str, float]:
+    """torch.compile's own timers (`torch._dynamo.utils.compile_times`), summed over graphs, the longest first.
+    They nest (Dynamo's includes AOTAutograd's, which includes Inductor's), so they do not add up."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    phases = sorted(zip(names, (float(v) for v in values)), key=lambda kv: -kv[1])
+    return {name: round(seconds, 2) for name, seconds in phases[:top]}
+
+
 def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to: str | None) -> dict:
     """Train `steps` steps in this process; returns the measurements."""
     import torch
 
+    kernel_compiles = KernelCompileTimer()
     model = build_model(preset)
     forward = prepare(mode, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -133,19 +172,24 @@ def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to
     steady = statistics.median(seconds[WARMUP_STEPS:])
     return dict(mode=mode, preset=preset, batch=batch, seq=seq, tokens_per_s=batch * seq / steady,
                 step_ms=steady * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_step,
+                compile_phases_s=compile_phases(), kernel_compiles=kernel_compiles.summary(),
                 losses=[loss.item() for loss in losses])
 
 
 def in_subprocess(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to: str | None,
                   timeout: int) -> dict:
-    """`run_one` in a fresh process (its own compile caches and allocator); an OOM or crash becomes an error row."""
+    """`run_one` in a fresh process with empty compile caches (Inductor's and Triton's are on disk and would
+    otherwise carry kernels from one mode's process to the next); an OOM or crash becomes an error row."""
     command = [sys.executable, __file__, "--one", mode, "--preset", preset, "--batch", str(batch), "--seq", str(seq),
                "--steps", str(steps)] + (["--profile-to", profile_to] if profile_to else [])
     row = dict(mode=mode, preset=preset, batch=batch, seq=seq)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**row, "error": f"timed out after {timeout} s"}
+    with tempfile.TemporaryDirectory(prefix="bench_e2e_caches_") as caches:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {**row, "error": f"timed out after {timeout} s"}
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if results:
         return json.loads(results[-1][len("RESULT "):])
@@ -198,12 +242,21 @@ def environment() -> dict:
                 date=time.strftime("%Y-%m-%d"))
 
 
+def first_step(row: dict) -> str:
+    if "kernel_compiles" not in row:
+        return f"{row['first_step_s']:.1f}"
+    return f"{row['first_step_s']:.1f} ({row['kernel_compiles']['total_s']:.1f})"
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
+    cold = any("kernel_compiles" in r for r in result["rows"])  # runs before this measure shared warm caches
     lines = [f"{result['title']}. {env['device']}, torch {env['torch']}, triton {env['triton']}, transformers "
              f"{env['transformers']}, liger-kernel {env['liger_kernel']}, {env['date']}. bf16 weights, fused AdamW, "
              f"random ids; tokens/s from the median of the steps after {WARMUP_STEPS} warm-up steps; peak: memory "
-             "allocated during the steady steps; first step: its end, compilation included; loss vs eager: the "
+             "allocated during the steady steps; first step: its end, compilation included"
+             + (" (empty compile caches; of it, kernels compiled in the training process)"
+                if cold else "") + "; loss vs eager: the "
              "largest relative difference of a step's loss from eager's.", "",
              "| mode | batch × seq | tokens/s | step ms | peak GiB | first step s | loss first → last | loss vs eager |",
              "|---|---|---|---|---|---|---|---|"]
@@ -214,7 +267,7 @@ def markdown(result: dict) -> str:
             continue
         vs_eager = f"{r['loss_vs_eager']:.1e}" if "loss_vs_eager" in r else ""
         lines.append(f"| {r['mode']} | {shape} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
-                     f"{r['first_step_s']:.1f} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} | {vs_eager} |")
+                     f"{first_step(r)} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} | {vs_eager} |")
     return "\n".join(lines) + "\n"
 
 

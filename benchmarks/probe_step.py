@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         library.AUTO_CHUNK_BYTES = args.chunk_bytes
     batch = args.batch or bench_e2e.PRESETS[args.preset]["batch"]
     seq = args.seq or bench_e2e.PRESETS[args.preset]["seq"]
+    kernel_compiles = bench_e2e.KernelCompileTimer()
     model = bench_e2e.build_model(args.preset)
     forward = bench_e2e.prepare(args.mode, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -116,12 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         step()
         seconds.append(time.perf_counter() - began)
     saved_gib, groups = saved_tensor_groups(step, parameters)
-    from torch._dynamo.utils import compile_times
-
     result = dict(mode=args.mode, preset=args.preset, batch=batch, seq=seq, chunk_bytes=args.chunk_bytes,
                   tokens_per_s=batch * seq / statistics.median(seconds[1:]), first_step_s=first_step,
                   memory_gib=dict(memory), saved_gib=saved_gib, saved_groups=groups,
-                  compile_times=compile_times(repr="str"))
+                  compile_phases_s=bench_e2e.compile_phases(),
+                  kernel_compiles=kernel_compiles.summary())
     if args.history:
         result["history"] = peak_of_history(step)
     json.dump(result, sys.stdout, indent=1)
