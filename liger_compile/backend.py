@@ -6,6 +6,9 @@ autograd formulas registered for the liger ops and the backward graph calls thei
 Nothing of ours stops a run: a rewrite family that raises is dropped (see `liger_compile.passes.manager`), and a
 graph whose liger kernels Triton cannot compile is compiled again without rewrites, each with a one-line warning
 (``LIGER_COMPILE_STRICT=1``: an error instead).
+
+Before it compiles, the backend makes torch's Triton mutation analysis memoized (`liger_compile.triton_analysis`):
+without it, most of its extra compile time is the same few kernels analysed once per launch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from liger_compile import config as liger_config
 from liger_compile.ops._library import FallbackRefused, fall_back, from_triton, one_line
 from liger_compile.passes import FAMILIES, PassFailure, PassResult, run_passes
 from liger_compile.report import publish
+from liger_compile.triton_analysis import memoize_mutation_analysis
 
 
 def rewrite(gm: fx.GraphModule, config: liger_config.Config) -> tuple[fx.GraphModule, PassResult]:
@@ -55,6 +59,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     config = liger_config.resolve(options)
     rewritten, result = rewrite(gm, config)  # a rewritten clone: `gm` stays as it was
     publish(result)
+    memoize_mutation_analysis()
     try:
         return compile_rewritten(rewritten, example_inputs, mode, config)
     except Exception as error:
