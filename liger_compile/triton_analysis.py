@@ -1,4 +1,4 @@
-"""Memoized Triton mutation analysis: a third of the backend's extra compile time, done once per launch.
+"""Memoized Triton mutation analysis: torch 2.11 redoes it for every launch of a kernel, three times per compile.
 
 Each `wrap_triton` launch in a graph (our ops are `triton_op`s, so every rms_norm, rope or glu call is one) makes
 torch generate the kernel's Triton IR and read off which tensor arguments it writes
@@ -9,14 +9,16 @@ training step ran the analysis 560 times, for 22 s of its compile, on the H200 m
 The analysis is a pure function of what torch feeds Triton's code generator: the kernel, each tensor argument's
 dtype (torch replaces tensors by 2-element ones of that dtype), symbolic sizes (replaced by 2) and the values of
 the other arguments. `memoize_mutation_analysis` wraps torch's function in a cache keyed on exactly that, with
-the kernel object as the kernel's identity (kept alive, so its id is not reused). Calls it cannot key exactly
-(real tensors, whose data pointers' alignment Triton specializes on; TMA descriptors; autotuned kernels; values
-of other types) go to torch's function unchanged.
+the kernel object (a JITFunction, or an autotuner, whose first config the analysis reads too) as the kernel's
+identity, kept alive so that its id is not reused. Calls it cannot key exactly (real tensors, whose data pointers' alignment Triton specializes
+on; TMA descriptors; values of other types) go to torch's function unchanged.
 
-Measured there: the post-grad and lowering analyses of a launch find the functionalization's result (lowering
-took 3.9 s instead of 20.4), but functionalization meets a new kernel object at every launch, so its 198
-analyses still run. Keying on Triton's content hash (`JITFunction.cache_key`) instead would share them, but
-computing that hash for every new object cost more than it saved (lowering 10.0 s).
+Measured there: lowering took 3.9 s instead of 20.4, as it analyses the launches' JITFunctions, the same objects
+every time; the post-grad pass finds functionalization's results. Functionalization's own 198 analyses still run:
+torch wraps a kernel launched with ``num_warps=`` (all of ours are) in a new single-config autotuner at every
+launch, so no two launches there share a kernel object. A run keyed on Triton's content hash
+(`JITFunction.cache_key`), with autotuners left uncached, was slower (lowering 10.0 s). Keying such an autotuner by
+its JITFunction and its first config, which is all the analysis reads of it, would share them; not measured yet.
 
 The liger backend installs it before its first compile, on the torch versions that have that function. torch
 2.13 analyses reads as well, in a function with a richer result (`identify_accessed_tensors`); that, and any
@@ -44,9 +46,8 @@ def analysis_key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: A
     import sympy
     from torch._inductor.ir import TensorBox
     from torch._subclasses.fake_tensor import FakeTensor
-    from triton.runtime.jit import JITFunction
 
-    if tma_descriptor_metadata or not isinstance(kernel, JITFunction):  # autotuners: configs join the arguments
+    if tma_descriptor_metadata:
         return None
     parts = []
     for name, value in sorted(kwargs.items()):

@@ -68,6 +68,21 @@ def test_another_object_of_the_same_kernel_is_analysed_again(fake):
     assert analysis.calls == 2
 
 
+def test_an_autotuner_is_its_own_kernel(fake):
+    """torch wraps a kernel launched with num_warps in a new single-config autotuner at every launch."""
+    analysis = CountingAnalysis()
+    analyze = memoizing(analysis)
+    x = torch.empty(2, dtype=torch.float32)
+
+    def autotuned():
+        return triton.autotune([triton.Config({}, num_warps=4)], key=[])(kernel_a)
+
+    launch = autotuned()
+    for kernel in (launch, launch, autotuned()):
+        analyze(kernel, {"x": x, "n": 4}, {})
+    assert analysis.calls == 2
+
+
 def test_symbolic_sizes_share_one_analysis(fake):
     analysis = CountingAnalysis()
     analyze = memoizing(analysis)
@@ -100,7 +115,7 @@ def test_anything_the_analysis_reads_makes_a_new_entry(fake, change):
     assert analysis.calls == 2
 
 
-@pytest.mark.parametrize("unkeyable", ["real tensor", "tma descriptor", "list value", "autotuned kernel"])
+@pytest.mark.parametrize("unkeyable", ["real tensor", "tma descriptor", "list value"])
 def test_what_cannot_be_keyed_exactly_is_analysed_every_time(unkeyable):
     analysis = CountingAnalysis()
     analyze = memoizing(analysis)
@@ -112,12 +127,9 @@ def test_what_cannot_be_keyed_exactly_is_analysed_every_time(unkeyable):
     elif unkeyable == "list value":
         with FakeTensorMode():
             kwargs = {"x": torch.empty(2), "n": [1, 2]}
-    kernel = kernel_a
-    if unkeyable == "autotuned kernel":
-        kernel = triton.autotune([triton.Config({}, num_warps=w) for w in (1, 2)], key=["n"])(kernel_a)
-    assert analysis_key(kernel, kwargs, tma) is None
+    assert analysis_key(kernel_a, kwargs, tma) is None
     for _ in range(2):
-        analyze(kernel, kwargs, tma)
+        analyze(kernel_a, kwargs, tma)
     assert analysis.calls == 2
 
 
