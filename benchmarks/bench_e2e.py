@@ -103,8 +103,11 @@ class KernelCompileTimer:
     def __init__(self):
         from triton.runtime.jit import JITFunction
 
-        self.seconds: dict[str, float] = {}
-        timed = JITFunction._do_compile
+        self.seconds: dict[str, float] | None = {}
+        timed = getattr(JITFunction, "_do_compile", None)  # Triton 3.x's; another Triton: not measured
+        if timed is None:
+            self.seconds = None
+            return
 
         def do_compile(function, *args, **kwargs):
             began = time.perf_counter()
@@ -117,6 +120,8 @@ class KernelCompileTimer:
         JITFunction._do_compile = do_compile
 
     def summary(self) -> dict:
+        if self.seconds is None:
+            return dict(total_s=None, by_kernel={})
         return dict(total_s=round(sum(self.seconds.values()), 2),
                     by_kernel={k: round(v, 2) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])})
 
@@ -243,7 +248,7 @@ def environment() -> dict:
 
 
 def first_step(row: dict) -> str:
-    if "kernel_compiles" not in row:
+    if row.get("kernel_compiles", {}).get("total_s") is None:
         return f"{row['first_step_s']:.1f}"
     return f"{row['first_step_s']:.1f} ({row['kernel_compiles']['total_s']:.1f})"
 
