@@ -4,9 +4,11 @@ forward and at the peak; the first step's time and torch.compile's compile-time 
 CUDA memory history of one step, replayed to list what is live at its peak.
 
     python benchmarks/probe_step.py --mode liger-optimize [--preset 1b] [--batch 4] [--seq 2048]
-        [--chunk-bytes N] [--history]           (needs CUDA; prints JSON)
+        [--chunk-bytes N] [--history] [--analysis]           (needs CUDA; prints JSON)
 
-``--chunk-bytes`` overrides the fused linear cross-entropy's chunk of logits (`AUTO_CHUNK_BYTES`).
+``--chunk-bytes`` overrides the fused linear cross-entropy's chunk of logits (`AUTO_CHUNK_BYTES`). ``--analysis``
+counts torch's Triton mutation analyses by compile phase: the calls, and those the backend's cache did not answer
+(torch 2.11; run it with empty compile caches, or a cached graph skips them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,52 @@ import torch
 import bench_e2e
 
 GIB = 2**30
+
+# Where torch's Triton mutation analysis is called from, by a function on the stack (torch 2.11's names).
+ANALYSIS_PHASES = {"triton_kernel_wrapper_mutation_functionalize": "functionalization",
+                   "propagate_mutation": "post-grad decomposition", "triton_kernel_wrap_": "lowering"}
+
+
+def count_mutation_analyses() -> dict | None:
+    """Counts, by compile phase, the calls of torch's Triton mutation analysis and those the backend's cache
+    (`liger_compile.triton_analysis`) passes on to torch; None on a torch without that function."""
+    import traceback
+
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from liger_compile.triton_analysis import memoize_mutation_analysis
+
+    counts = collections.defaultdict(lambda: {"calls": 0, "analysed": 0, "seconds": 0.0})
+    torch_analysis = getattr(triton_kernel_wrap, "identify_mutated_tensors", None)
+    if torch_analysis is None:
+        return None
+
+    def phase() -> str:
+        for frame in reversed(traceback.extract_stack(limit=64)):
+            if frame.name in ANALYSIS_PHASES:
+                return ANALYSIS_PHASES[frame.name]
+        return "elsewhere"
+
+    def analysed(kernel, kwargs, tma_descriptor_metadata):
+        began = time.perf_counter()
+        try:
+            return torch_analysis(kernel, kwargs, tma_descriptor_metadata)
+        finally:
+            counts[phase()]["analysed"] += 1
+            counts[phase()]["seconds"] += time.perf_counter() - began
+
+    triton_kernel_wrap.identify_mutated_tensors = analysed
+    if not memoize_mutation_analysis():
+        return None
+    memoized = triton_kernel_wrap.identify_mutated_tensors
+
+    def called(kernel, kwargs, tma_descriptor_metadata):
+        counts[phase()]["calls"] += 1
+        return memoized(kernel, kwargs, tma_descriptor_metadata)
+
+    called.liger_results = memoized.liger_results  # the backend sees its cache installed
+    triton_kernel_wrap.identify_mutated_tensors = called
+    return counts
 
 
 def saved_tensor_groups(step, parameters) -> tuple[float, list]:
@@ -76,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="default: the preset's")
     parser.add_argument("--chunk-bytes", type=int, help="the fused linear cross-entropy's chunk of logits")
     parser.add_argument("--history", action="store_true", help="list what is live at the peak of a step")
+    parser.add_argument("--analysis", action="store_true",
+                        help="count torch's Triton mutation analyses by compile phase, and what the cache saves")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_step: no CUDA device; this probe only measures GPUs.")
@@ -87,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or bench_e2e.PRESETS[args.preset]["batch"]
     seq = args.seq or bench_e2e.PRESETS[args.preset]["seq"]
     kernel_compiles = bench_e2e.KernelCompileTimer()
+    analyses = count_mutation_analyses() if args.analysis else None
     model = bench_e2e.build_model(args.preset)
     forward = bench_e2e.prepare(args.mode, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -122,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                   memory_gib=dict(memory), saved_gib=saved_gib, saved_groups=groups,
                   compile_phases_s=bench_e2e.compile_phases(),
                   kernel_compiles=kernel_compiles.summary())
+    if args.analysis:
+        result["mutation_analyses"] = analyses if analyses is None else {
+            phase: {**count, "seconds": round(count["seconds"], 2)} for phase, count in analyses.items()}
     if args.history:
         result["history"] = peak_of_history(step)
     json.dump(result, sys.stdout, indent=1)
