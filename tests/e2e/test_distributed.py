@@ -83,6 +83,27 @@ def test_data_parallel_training_equals_one_process_on_the_whole_batch(wrapper, c
         assert_close(result["gradients"][name], grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU run (gloo); on GPUs the example runs with NCCL by hand")
+def test_deepspeed_zero3_training_equals_one_process_on_the_whole_batch(tmp_path):
+    """Where deepspeed is installed (it is not a test dependency: PyPI has it as a source package only). Its
+    hooks on every module, which gather and release the partitioned parameters, split the graphs inside the
+    modules: fewer patterns lie whole in one fragment than under DDP, and those rewritten must be exact."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional")
+    out = tmp_path / "result.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               EXAMPLE, "--wrapper", "zero3", "--steps", str(STEPS), "--compiler", "aot_eager", "--out", str(out)]
+    result = torch.load(run_until_written(command, out))
+    losses, gradients = eager_training("llama", checkpointing=False)
+
+    assert result["failures"] == []
+    for counts in result["counts"]:
+        assert counts["rms_norm"] > 0 and counts["cross_entropy"] == 1, result["counts"]
+    assert_close(torch.tensor(result["losses"]), torch.tensor(losses))
+    assert result["gradients"].keys() == gradients.keys()
+    for name, grad in gradients.items():
+        assert_close(result["gradients"][name], grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     import torch.distributed as dist
