@@ -3,9 +3,9 @@ eagerly, with Inductor, with liger-kernel's patching, and with liger-compile, ea
 
 Per mode: tokens/s (median step after the warm-up steps), peak memory allocated during the steady steps, time to
 the end of the first step (compilation included, from empty compile caches; the JSON splits it into
-torch.compile's phases and the Triton kernels compiled in the training process), and the loss of every step (all modes train on the same ids
-from the same weights, so the losses must agree up to bf16 noise; the table gives each mode's largest relative
-difference from eager's).
+torch.compile's phases and the Triton kernels compiled in the training process), and the loss of every step (all
+modes train on the same ids from the same weights, so the losses must agree up to bf16 noise; the table gives
+each mode's largest relative difference from eager's).
 
     python benchmarks/bench_e2e.py [--preset 1b] [--batch 4] [--seq 2048] [--mode eager --mode ...]
         [--steps 12] [--profile] [--out benchmarks/results]

@@ -56,8 +56,9 @@ def count_mutation_analyses() -> dict | None:
         try:
             return torch_analysis(kernel, kwargs, tma_descriptor_metadata)
         finally:
-            counts[phase()]["analysed"] += 1
-            counts[phase()]["seconds"] += time.perf_counter() - began
+            count = counts[phase()]
+            count["analysed"] += 1
+            count["seconds"] += time.perf_counter() - began
 
     triton_kernel_wrap.identify_mutated_tensors = analysed
     if not memoize_mutation_analysis():
