@@ -9,17 +9,16 @@ training step ran the analysis 560 times, for 22 s of its compile, on the H200 m
 The analysis is a pure function of what torch feeds Triton's code generator: the kernel, each tensor argument's
 dtype (torch replaces tensors by 2-element ones of that dtype), symbolic sizes (replaced by 2) and the values of
 the other arguments. `memoize_mutation_analysis` wraps torch's function in a cache keyed on exactly that, with
-the kernel object (a JITFunction, or an autotuner, whose first config the analysis reads too) as the kernel's
-identity, kept alive so that its id is not reused. Calls it cannot key exactly (real tensors, whose data
-pointers' alignment Triton specializes on; TMA descriptors; values of other types) go to torch's function
-unchanged.
+the JITFunction object as the kernel's identity. An autotuner is keyed as its JITFunction with its first config's
+arguments added to the call's, which is all the analysis reads of it: torch wraps a kernel launched with
+``num_warps=`` (all of ours are) in a new single-config autotuner at every launch, and Inductor's lowering later
+passes the bare JITFunction with those arguments, so one result serves every launch of a kernel variant. Calls it
+cannot key exactly (real tensors, whose data pointers' alignment Triton specializes on; TMA descriptors; values
+of other types) go to torch's function unchanged.
 
-Measured there: lowering took 3.9 s instead of 20.4, as it analyses the launches' JITFunctions, the same objects
-every time; the post-grad pass finds functionalization's results. Functionalization's own 198 analyses still run:
-torch wraps a kernel launched with ``num_warps=`` (all of ours are) in a new single-config autotuner at every
-launch, so no two launches there share a kernel object. A run keyed on Triton's content hash
-(`JITFunction.cache_key`), with autotuners left uncached, was slower (lowering 10.0 s). Keying such an autotuner by
-its JITFunction and its first config, which is all the analysis reads of it, would share them; not measured yet.
+Measured with autotuners keyed by object (each launch its own): lowering took 3.9 s instead of 20.4, while
+functionalization's 198 analyses still ran. This key, which shares those too, is not measured yet. A run keyed on
+Triton's content hash (`JITFunction.cache_key`), with autotuners left uncached, was slower (lowering 10.0 s).
 
 The liger backend installs it before its first compile, on the torch versions that have that function. torch
 2.13 analyses reads as well, in a function with a richer result (`identify_accessed_tensors`); that, and any
@@ -48,8 +47,16 @@ def analysis_key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: A
     from torch._inductor.ir import TensorBox
     from torch._subclasses.fake_tensor import FakeTensor
 
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
     if tma_descriptor_metadata:
         return None
+    if isinstance(kernel, Autotuner) and isinstance(kernel.fn, JITFunction):
+        # What torch's analysis reads of an autotuner: its JITFunction, and its first config's arguments with the
+        # call's. torch makes one per launch passing num_warps=, so this is what lets launches share a result.
+        first = kernel.configs[0].kwargs if kernel.configs else {}
+        kernel, kwargs = kernel.fn, {**kwargs, **first}
     parts = []
     for name, value in sorted(kwargs.items()):
         if isinstance(value, (FakeTensor, TensorBox)):

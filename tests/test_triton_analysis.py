@@ -68,18 +68,24 @@ def test_another_object_of_the_same_kernel_is_analysed_again(fake):
     assert analysis.calls == 2
 
 
-def test_an_autotuner_is_its_own_kernel(fake):
-    """torch wraps a kernel launched with num_warps in a new single-config autotuner at every launch."""
+def test_autotuners_share_the_analysis_of_their_kernel_and_first_config(fake):
+    """torch wraps a kernel launched with num_warps in a new single-config autotuner at every launch; its analysis
+    reads the kernel and the config's arguments, as Inductor's lowering later passes them."""
     analysis = CountingAnalysis()
     analyze = memoizing(analysis)
     x = torch.empty(2, dtype=torch.float32)
 
-    def autotuned():
-        return triton.autotune([triton.Config({}, num_warps=4)], key=[])(kernel_a)
+    def autotuned(**config_kwargs):
+        return triton.autotune([triton.Config(config_kwargs, num_warps=4)], key=[])(kernel_a)
 
-    launch = autotuned()
-    for kernel in (launch, launch, autotuned()):
+    for kernel in (autotuned(), autotuned()):
         analyze(kernel, {"x": x, "n": 4}, {})
+    assert analysis.calls == 1
+    analyze(kernel_a, {"x": x, "n": 4}, {})  # the lowering's call
+    assert analysis.calls == 1
+    analyze(autotuned(n=4), {"x": x}, {})  # the config supplies n
+    assert analysis.calls == 1
+    analyze(autotuned(n=16), {"x": x}, {})
     assert analysis.calls == 2
 
 
