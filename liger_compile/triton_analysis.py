@@ -16,8 +16,8 @@ passes the bare JITFunction with those arguments, so one result serves every lau
 cannot key exactly (real tensors, whose data pointers' alignment Triton specializes on; TMA descriptors; values
 of other types) go to torch's function unchanged.
 
-Measured with autotuners keyed by object (each launch its own): lowering took 3.9 s instead of 20.4, while
-functionalization's 198 analyses still ran. This key, which shares those too, is not measured yet. A run keyed on
+Measured on that machine and model: functionalization's 198 calls ran 8 analyses (0.9 s), the post-grad decomposition and lowering
+none, and the first step took 40.0 s (Inductor's 41.7 s); without the cache, 560 analyses took 22 s. A key on
 Triton's content hash (`JITFunction.cache_key`), with autotuners left uncached, was slower (lowering 10.0 s).
 
 The liger backend installs it before its first compile, on the torch versions that have that function. torch
