@@ -4,7 +4,8 @@ Inputs are 2-D (rows, cols) with unit column stride and any row stride, so the t
 ``gate_up`` projection are read in place (row stride 2 × cols) and the backward can write both gradients into
 the halves of one buffer. The math is fp32; intermediates are rounded where PyTorch's eager code rounds them
 (the activation's output, and ``dy * b`` before the activation's backward), so a rewrite changes nothing but
-speed. The backward reads only ``a``, ``b`` and ``dy`` and recomputes the activation.
+speed. The backward reads only ``a``, ``b`` and ``dy`` and recomputes the activation; it can also write the
+product ``act(a) * b`` (what a following linear layer's weight gradient needs), bit for bit the forward's.
 
 Activations: ``silu``; ``gelu_tanh`` (``F.gelu(approximate="tanh")``); ``gelu`` (exact, with erf).
 """
@@ -86,8 +87,9 @@ def _glu_forward_kernel(A, B, Y, n_rows, n_cols, stride_a, stride_b, stride_y,
 
 
 @triton.jit
-def _glu_backward_kernel(DY, A, B, DA, DB, n_rows, n_cols, stride_dy, stride_a, stride_b, stride_da, stride_db,
-                         ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _glu_backward_kernel(DY, A, B, DA, DB, Y, n_rows, n_cols, stride_dy, stride_a, stride_b, stride_da, stride_db,
+                         stride_y, ACTIVATION: tl.constexpr, WRITE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = DA.dtype.element_ty
     dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
@@ -97,9 +99,11 @@ def _glu_backward_kernel(DY, A, B, DA, DB, n_rows, n_cols, stride_dy, stride_a, 
     # eager: db = dy * round(act(a)); d_act = round(dy * b); da = d_act * act'(a)
     tl.store(DB + rows * stride_db + cols, (dy * round_to(activated, dtype)).to(dtype), mask=mask)
     tl.store(DA + rows * stride_da + cols, (round_to(dy * b, dtype) * derivative).to(dtype), mask=mask)
+    if WRITE_Y:
+        tl.store(Y + rows * stride_y + cols, (round_to(activated, dtype) * b).to(dtype), mask=mask)
 
 
-def _launch(kernel, n_rows: int, n_cols: int, *args, activation: str) -> None:
+def _launch(kernel, n_rows: int, n_cols: int, *args, activation: str, **constexprs) -> None:
     if n_rows == 0 or n_cols == 0:  # an empty grid is not a valid launch
         return
     tile = row_tile(n_cols, max_block_n=TILE_ELEMENTS, tile_elements=TILE_ELEMENTS,
@@ -107,7 +111,7 @@ def _launch(kernel, n_rows: int, n_cols: int, *args, activation: str) -> None:
     grid = (triton.cdiv(n_rows, tile.block_m), triton.cdiv(n_cols, tile.block_n))
     traceable(kernel)[grid](*args, n_rows, n_cols, *(t.stride(0) for t in args),
                             ACTIVATION=ACTIVATIONS.index(activation), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                            num_warps=tile.num_warps)
+                            num_warps=tile.num_warps, **constexprs)
 
 
 def glu_forward(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, activation: str) -> None:
@@ -117,7 +121,9 @@ def glu_forward(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, activation: s
 
 
 def glu_backward(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, da: torch.Tensor, db: torch.Tensor,
-                 activation: str) -> None:
-    """Write the gradients of act(a) * b into `da` and `db` (2-D, unit column stride, views allowed)."""
+                 activation: str, y: torch.Tensor | None = None) -> None:
+    """Write the gradients of act(a) * b into `da` and `db`, and the product into `y` if given (2-D, unit column
+    stride, views allowed)."""
     n_rows, n_cols = a.shape[0], int(a.shape[1])
-    _launch(_glu_backward_kernel, n_rows, n_cols, dy, a, b, da, db, activation=activation)
+    _launch(_glu_backward_kernel, n_rows, n_cols, dy, a, b, da, db, da if y is None else y, activation=activation,
+            WRITE_Y=y is not None)

@@ -10,6 +10,10 @@ Both are wrappers over ``liger::gated_activation(a, b, activation)``, which the 
 ``liger::gated_activation_packed(gate_up, activation)`` takes the output of one fused projection whose halves are
 ``a, b = gate_up.chunk(2, -1)`` (Phi-3 and others) without materialising the halves, forward or backward.
 
+``liger::gated_linear(a, b, weight, activation)`` is ``F.linear(act(a) * b, weight)``, the gated MLP's down
+projection included: its backward computes the product again in the same kernel pass as the activation's
+gradients, where the weight gradient needs it, instead of in a pass of its own. Nothing but the inputs is saved.
+
 Outputs round like the eager code: the activation's result is rounded to the input dtype before the multiply.
 Backward saves only the inputs and recomputes the activation.
 """
@@ -94,18 +98,34 @@ def _gated_activation(a: torch.Tensor, b: torch.Tensor, activation: str) -> torc
     return _forward(a, b, activation)
 
 
+def _backward_kernels(op: str, dy, a, b, activation: str, with_output: bool) -> list[torch.Tensor]:
+    """[da, db], and the product act(a) * b after them if `with_output`, by the kernel or the reference."""
+    _check_pair(op, dy, a, names=("dy", "a"))
+    if not can_launch(a):
+        outputs = list(gated_activation_backward_reference(dy, a, b, activation))
+        if with_output:
+            outputs.append(gated_activation_reference(a, b, activation))
+        return [t.contiguous() for t in outputs]
+    outputs = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(3 if with_output else 2)]
+    kernels.glu_backward(*_rows(dy, a, b, *outputs[:2]), activation, *_rows(*outputs[2:]))
+    return outputs
+
+
 @define_op("gated_activation_backward")
 def _gated_activation_backward(
     dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_pair(f"{_OP}_backward", dy, a, names=("dy", "a"))
-    if not can_launch(a):
-        da, db = gated_activation_backward_reference(dy, a, b, activation)
-        return da.contiguous(), db.contiguous()
-    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    db = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    kernels.glu_backward(*_rows(dy, a, b, da, db), activation)
+    da, db = _backward_kernels(f"{_OP}_backward", dy, a, b, activation, with_output=False)
     return da, db
+
+
+@define_op("gated_activation_backward_and_output")
+def _gated_activation_backward_and_output(
+    dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation's gradients and its output act(a) * b, from one read of `a` and `b`."""
+    da, db, y = _backward_kernels(f"{_OP}_backward_and_output", dy, a, b, activation, with_output=True)
+    return da, db, y
 
 
 @define_op("gated_activation_packed")
@@ -127,6 +147,21 @@ def _gated_activation_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, a
     return d_gate_up
 
 
+_LINEAR_OP = "gated_linear"
+
+
+@define_op(_LINEAR_OP)
+def _gated_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, activation: str) -> torch.Tensor:
+    _check_activation(_LINEAR_OP, activation)
+    _check_pair(_LINEAR_OP, a, b)
+    check_float_tensor(_LINEAR_OP, "weight", weight)
+    check_same_device(_LINEAR_OP, a=a, weight=weight)
+    if weight.dim() != 2 or weight.shape[1] != a.shape[-1] or weight.dtype != a.dtype:
+        fail(_LINEAR_OP, f"weight must be (out_features, {a.shape[-1]}) of a's dtype {a.dtype}, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    return F.linear(_forward(a, b, activation), weight)
+
+
 def _setup_context(ctx, inputs, output):
     *tensors, activation = inputs
     ctx.save_for_backward(*tensors)
@@ -144,7 +179,28 @@ def _packed_backward(ctx, dy):
     return torch.ops.liger.gated_activation_packed_backward(dy, gate_up, ctx.activation), None
 
 
+def _linear_backward(ctx, d_out):
+    """As autograd differentiates F.linear (d_input = d_out @ weight, d_weight = d_out^T @ input over the rows),
+    with the linear's input, the product, written by the activation's backward kernel."""
+    a, b, weight = ctx.saved_tensors
+    inputs_need, weight_needs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    d_out_rows = d_out.reshape(-1, d_out.shape[-1])
+    da = db = d_weight = None
+    if inputs_need:
+        dy = (d_out_rows @ weight).view(a.shape)
+        if weight_needs:
+            da, db, y = torch.ops.liger.gated_activation_backward_and_output(dy, a, b, ctx.activation)
+        else:
+            da, db = torch.ops.liger.gated_activation_backward(dy, a, b, ctx.activation)
+    elif weight_needs:
+        y = torch.ops.liger.gated_activation(a, b, ctx.activation)
+    if weight_needs:
+        d_weight = d_out_rows.t() @ y.reshape(-1, y.shape[-1])
+    return da, db, d_weight, None
+
+
 _gated_activation.register_autograd(_backward, setup_context=_setup_context)
+_gated_linear.register_autograd(_linear_backward, setup_context=_setup_context)
 _gated_activation_packed.register_autograd(_packed_backward, setup_context=_setup_context)
 
 torch.library.define("liger::swiglu", "(Tensor a, Tensor b) -> Tensor")
@@ -171,6 +227,11 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def geglu(a: torch.Tensor, b: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """``F.gelu(a, approximate=approximate) * b``; differentiable in `a` and `b`."""
     return torch.ops.liger.geglu(a, b, approximate)
+
+
+def gated_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``F.linear(act(a) * b, weight)``: a gated MLP's activation and down projection (no bias)."""
+    return torch.ops.liger.gated_linear(a, b, weight, activation)
 
 
 def gated_activation_packed(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:

@@ -7,6 +7,11 @@ multiply. When ``a`` and ``b`` are the two halves of one tensor (``gate_up.chunk
 ``split(n, -1)``, as in Phi-3), the rewrite takes that tensor whole (``gated_activation_packed``), so neither the
 halves nor their gradients are materialised.
 
+When the product's one user is a bias-free ``F.linear`` of it in its dtype (a gated MLP's down projection), the
+linear goes into the rewrite too (``gated_linear``): backward then writes the product, which the projection's
+weight gradient needs, in the same kernel pass as the activation's gradients instead of recomputing it in a pass
+of its own. Reported as, e.g., ``swiglu + down projection``.
+
 The multiply must be elementwise over tensors of one shape, dtype and device, and the activation's value must
 feed only it; anything else is left alone and, when it looks like a gated activation, reported.
 """
@@ -40,6 +45,7 @@ from liger_compile.passes.manager import Recorder
 FAMILY = "glu"
 _TARGET = torch.ops.liger.gated_activation.default
 _PACKED_TARGET = torch.ops.liger.gated_activation_packed.default
+_LINEAR_TARGET = torch.ops.liger.gated_linear.default
 _VARIANTS = {"silu": "swiglu", "gelu_tanh": "geglu_tanh", "gelu": "geglu"}
 _GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -51,33 +57,68 @@ class _Match:
     a: fx.Node
     b: fx.Node
     spelling: str
-    nodes: list[fx.Node]  # the activation's nodes and the multiply
+    nodes: list[fx.Node]  # the activation's nodes, the multiply, and the down projection if it is taken in
+    packed: tuple[fx.Node, list[fx.Node]] | None = None  # (gate_up, its split nodes) when a and b are its halves
+    down_projection: tuple[fx.Node, fx.Node] | None = None  # (the linear, its weight)
 
 
 def _match_at(node: fx.Node) -> _Match | None:
     call = canonical(node)
     if call is None or call.op != "mul":
         return None
-    return _match(node, call["input"], call.get("other"))
+    match = _match(node, call["input"], call.get("other"))
+    if match is not None:
+        match.packed = _packed_source(match.a, match.b)
+        match.down_projection = _down_projection(node) if match.packed is None else None
+        if match.down_projection is not None:
+            match.nodes.append(match.down_projection[0])
+    return match
 
 
 def apply(graph: fx.Graph, record: Recorder) -> None:
     rewriter = Rewriter(graph)
     for match in find_matches(graph, record, _match_at):
-        packed = _packed_source(match.a, match.b)
-        variant = _VARIANTS[match.activation] + (" packed" if packed is not None else "")
+        variant = _VARIANTS[match.activation] + (" packed" if match.packed is not None else "")
         if match.spelling:
             variant += f" ({match.spelling})"
+        if match.down_projection is not None:
+            linear, weight = match.down_projection
+            record.rewrite(match.final, f"{variant} + down projection")
+            new = rewriter.replace(linear, _LINEAR_TARGET, (match.a, match.b, weight, match.activation),
+                                   match.nodes)
+            if "recompute" in linear.meta:  # a policy of the user's (selective checkpointing) for the linear
+                new.meta["recompute"] = linear.meta["recompute"]
+            continue
         record.rewrite(match.final, variant)
-        if packed is None:
+        if match.packed is None:
             new = rewriter.replace(match.final, _TARGET, (match.a, match.b, match.activation), match.nodes)
         else:
-            source, split_nodes = packed
+            source, split_nodes = match.packed
             new = rewriter.replace(match.final, _PACKED_TARGET, (source, match.activation),
                                    match.nodes + split_nodes)
         # The product, as large as both inputs together, is recomputed for the down projection's weight gradient
         # (backward keeps the inputs anyway), as Inductor does for its own pointwise kernels.
         recompute_in_backward(new, match.final)
+
+
+def _down_projection(product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(the linear, its weight) when `product`'s one user is ``F.linear(product, weight)`` without a bias, in the
+    product's dtype and device (no autocast cast between them), with a 2-D weight over its last dim."""
+    linear = only_user(product)
+    call = canonical(linear)
+    if (call is None or call.op != "linear" or call["input"] is not product or call.get("bias") is not None
+            or linear.kwargs.get("out") is not None):
+        return None
+    weight = call["weight"]
+    metas = [tensor_meta(n) for n in (product, weight, linear)]
+    if any(meta is None for meta in metas):
+        return None
+    y, w, out = metas
+    if w.dim() != 2 or not same_shape(w.shape[1:], y.shape[-1:]):
+        return None
+    if len({y.dtype, w.dtype, out.dtype}) > 1 or len({y.device, w.device, out.device}) > 1:
+        return None
+    return linear, weight
 
 
 def _match(mul: fx.Node, x, y) -> _Match | None:

@@ -19,10 +19,14 @@ if DEVICE == "cuda":
 
 
 def run(a, b, dy, activation):
-    y = torch.empty_like(a)
+    y, y_again = torch.empty_like(a), torch.empty_like(a)
     da, db = torch.empty_like(a), torch.empty_like(a)
     kernels.glu_forward(a, b, y, activation)
-    kernels.glu_backward(dy, a, b, da, db, activation)
+    kernels.glu_backward(dy, a, b, da, db, activation, y=y_again)
+    assert torch.equal(y_again, y)  # the product a backward writes for the next linear's weight gradient
+    da_alone, db_alone = torch.empty_like(a), torch.empty_like(a)
+    kernels.glu_backward(dy, a, b, da_alone, db_alone, activation)
+    assert torch.equal(da_alone, da) and torch.equal(db_alone, db)
     return y, da, db
 
 

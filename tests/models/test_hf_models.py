@@ -43,13 +43,14 @@ class TestRewriteCounts(TestCase):
     """Expected rewrites per family for 2-layer models (reviewed by hand: see each comment)."""
 
     def test_llama(self):
-        # norms: 2 layers x (input + post-attention) + final; one SwiGLU MLP and one q+k RoPE per layer; the
-        # loss, on logits the model also returns (optimize() drops them to fuse the lm_head); the token embedding
+        # norms: 2 layers x (input + post-attention) + final; one SwiGLU MLP (with its down projection) and one
+        # q+k RoPE per layer; the loss, on logits the model also returns (optimize() drops them to fuse the
+        # lm_head); the token embedding
         report = train_step_parity("llama")
         self.assertExpectedInline(
             str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
         self.assertEqual({r.variant for r in report.rewrites},
-                         {"fp32", "swiglu", "q+k", "logits (the logits are also used elsewhere, e.g. returned)",
+                         {"fp32", "swiglu + down projection", "q+k", "logits (the logits are also used elsewhere, e.g. returned)",
                           "F.embedding"})
         self.assertIn("model.layers.0.input_layernorm @ modeling_llama.py:", report.rewrites[0].location)
 
@@ -64,7 +65,7 @@ class TestRewriteCounts(TestCase):
         report = train_step_parity("gemma")
         self.assertExpectedInline(
             str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
-        self.assertIn("geglu_tanh", {r.variant for r in report.rewrites})
+        self.assertIn("geglu_tanh + down projection", {r.variant for r in report.rewrites})
 
     def test_qwen3(self):
         # Llama's 5 plus q_norm and k_norm over head_dim in each layer

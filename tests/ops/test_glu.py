@@ -1,5 +1,5 @@
-"""torch.ops.liger gated activations (swiglu, geglu, gated_activation[_packed]): opcheck, forward/backward
-against autograd of the eager code, errors."""
+"""torch.ops.liger gated activations (swiglu, geglu, gated_activation[_packed], gated_linear): opcheck,
+forward/backward against autograd of the eager code, errors."""
 
 import pytest
 import torch
@@ -67,6 +67,44 @@ def test_packed_matches_chunked_eager(op_path, activation, dtype):
     assert_close(gate_up.grad, reference.grad)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 37), (2, 5, 100)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("needs", ["all", "inputs", "weight"])
+def test_gated_linear_matches_eager(op_path, activation, dtype, shape, needs):
+    """F.linear(act(a) * b, weight): the output and each gradient asked for, as autograd gives them eagerly."""
+    a, b = make_pair(shape, dtype)
+    weight = (torch.randn(11, shape[-1], device=DEVICE) / shape[-1] ** 0.5).to(dtype).requires_grad_()
+    a.requires_grad_(needs != "weight")
+    b.requires_grad_(needs != "weight")
+    weight.requires_grad_(needs != "inputs")
+    out = liger_compile.ops.gated_linear(a, b, weight, activation)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    references = [t.detach().clone().requires_grad_(t.requires_grad) for t in (a, b, weight)]
+    out_ref = F.linear(EAGER[activation](references[0]) * references[1], references[2])
+    out_ref.backward(d_out)
+    assert out.shape == (*shape[:-1], 11) and out.dtype == dtype
+    assert_close(out, out_ref)
+    for tensor, reference in zip((a, b, weight), references):
+        assert (tensor.grad is None) == (reference.grad is None)
+        if reference.grad is not None:
+            # The weight's gradient sums products over rows, cancelling: in bf16 an ulp of the product (the
+            # interpreter rounds it towards zero) moves small sums far in relative terms, so bf16 compares
+            # against the gradient's scale.
+            scale = reference.grad.abs().max().item() if dtype == torch.bfloat16 else 0.0
+            assert_close(tensor.grad, reference.grad, atol=max(2e-2 * scale, 1e-5) if scale else None)
+
+
+def test_backward_and_output_gives_the_forward_product(op_path):
+    a, b = make_pair((4, 70), torch.bfloat16)
+    dy = torch.randn_like(a)
+    da, db, y = torch.ops.liger.gated_activation_backward_and_output(dy, a.detach(), b.detach(), "silu")
+    assert torch.equal(y, torch.ops.liger.gated_activation(a.detach(), b.detach(), "silu"))
+    da_ref, db_ref = torch.ops.liger.gated_activation_backward(dy, a.detach(), b.detach(), "silu")
+    assert torch.equal(da, da_ref) and torch.equal(db, db_ref)
+
+
 def test_public_wrappers_pick_the_activation(op_path):
     a, b = make_pair((4, 24), torch.float32)
     assert_close(liger_compile.ops.swiglu(a, b), F.silu(a) * b)
@@ -114,6 +152,10 @@ def test_opcheck(op_path, shape, dtype, activation):
     opcheck(torch.ops.liger.gated_activation_packed.default, (gate_up, activation))
     opcheck(torch.ops.liger.gated_activation_packed_backward.default,
             (torch.randn_like(a), gate_up.detach(), activation))
+    opcheck(torch.ops.liger.gated_activation_backward_and_output.default,
+            (torch.randn_like(a), a.detach(), b.detach(), activation))
+    weight = torch.randn(5, shape[-1], device=DEVICE, dtype=dtype, requires_grad=True)
+    opcheck(torch.ops.liger.gated_linear.default, (a, b, weight, activation))
     opcheck(torch.ops.liger.swiglu.default, (a, b))
     opcheck(torch.ops.liger.geglu.default, (a, b, "tanh"))
 
@@ -146,6 +188,12 @@ def test_compiles_with_dynamic_shapes_without_recompiling():
      "liger::geglu: approximate must be 'tanh' or 'none'"),
     (lambda: torch.ops.liger.gated_activation_packed(torch.ones(2, 7), "silu"),
      "liger::gated_activation_packed: gate_up's last dim must be even"),
+    (lambda: torch.ops.liger.gated_linear(torch.ones(2, 8), torch.ones(2, 8), torch.ones(3, 7), "silu"),
+     r"liger::gated_linear: weight must be \(out_features, 8\) of a's dtype"),
+    (lambda: torch.ops.liger.gated_linear(torch.ones(2, 8), torch.ones(2, 8), torch.ones(3, 8, dtype=torch.bfloat16),
+                                          "silu"),
+     r"liger::gated_linear: weight must be \(out_features, 8\) of a's dtype torch.float32, got \(3, 8\) "
+     "torch.bfloat16"),
 ])
 def test_bad_input_names_the_op(call, message):
     with pytest.raises(LigerOpError, match=message):

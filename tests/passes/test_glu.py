@@ -16,7 +16,7 @@ HIDDEN, INTERMEDIATE = 32, 48
 class GatedMLP(nn.Module):
     """down(combine(gate_proj(x), up_proj(x))), or with one fused gate_up projection split by `combine`."""
 
-    def __init__(self, combine, fused=False):
+    def __init__(self, combine, fused=False, down_bias=False):
         super().__init__()
         self.combine = combine
         self.fused = fused
@@ -25,7 +25,7 @@ class GatedMLP(nn.Module):
         else:
             self.gate_proj = nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
             self.up_proj = nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
-        self.down_proj = nn.Linear(INTERMEDIATE, HIDDEN, bias=False)
+        self.down_proj = nn.Linear(INTERMEDIATE, HIDDEN, bias=down_bias)
 
     def forward(self, x):
         if self.fused:
@@ -63,7 +63,7 @@ PACKED_SPELLINGS = {
     "split_sizes": (lambda t: (lambda g, u: F.silu(g) * u)(*torch.split(t, [INTERMEDIATE, INTERMEDIATE], -1)),
                     "swiglu packed"),
     # the activation on the second half: the op takes the two halves as views instead
-    "second_half_gated": (lambda t: (lambda u, g: F.silu(g) * u)(*t.chunk(2, -1)), "swiglu"),
+    "second_half_gated": (lambda t: (lambda u, g: F.silu(g) * u)(*t.chunk(2, -1)), "swiglu + down projection"),
 }
 
 
@@ -76,7 +76,7 @@ def test_each_spelling_is_rewritten_once(spelling):
     combine, variant = SPELLINGS[spelling]
     torch.manual_seed(0)
     report = check_rewrite(GatedMLP(combine), torch.randn(2, 5, HIDDEN), 1)
-    assert [r.variant for r in report.rewrites] == [variant]
+    assert [r.variant for r in report.rewrites] == [variant + " + down projection"]
     assert report.near_misses == []
 
 
@@ -99,7 +99,42 @@ def test_two_mlps_and_a_product_of_products():
     """Several matches in one graph, one of them consuming another's output."""
     torch.manual_seed(0)
     report = check_rewrite(GatedMLP(lambda g, u: F.silu(g) * (F.gelu(u) * u)), torch.randn(3, HIDDEN), 2)
-    assert sorted(r.variant for r in report.rewrites) == ["geglu", "swiglu"]
+    assert sorted(r.variant for r in report.rewrites) == ["geglu", "swiglu + down projection"]
+
+
+class ProductAlsoReturned(GatedMLP):
+    def forward(self, x):
+        product = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(product) + product.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("case", ["product_used_twice", "down_projection_bias", "autocast_bf16"])
+def test_activation_alone_where_the_down_projection_cannot_join(case):
+    """The product read elsewhere, a bias, or a linear computing in another dtype (autocast): only the
+    activation is rewritten, and the linear stays as it was."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, HIDDEN)
+    if case == "product_used_twice":
+        report = check_rewrite(ProductAlsoReturned(None), x, 1)
+    elif case == "down_projection_bias":
+        report = check_rewrite(GatedMLP(lambda g, u: F.silu(g) * u, down_bias=True), x, 1)
+    else:
+        class Autocast(GatedMLP):
+            def forward(self, x):
+                product = F.silu(self.gate_proj(x)) * self.up_proj(x)  # fp32
+                with torch.autocast(DEVICE, dtype=torch.bfloat16):  # casts the product for the linear
+                    return self.down_proj(product).float()
+        _, report = compile_and_report(Autocast(None).to(DEVICE), x.to(DEVICE))
+    assert [r.variant for r in report.rewrites] == ["swiglu"], str(report)
+
+
+def test_frozen_down_projection_still_joins():
+    """LoRA-style frozen weights: the down projection's weight needs no gradient, the inputs do."""
+    torch.manual_seed(0)
+    module = GatedMLP(lambda g, u: F.silu(g) * u)
+    module.down_proj.weight.requires_grad_(False)
+    report = check_rewrite(module, torch.randn(2, 5, HIDDEN), 1)
+    assert [r.variant for r in report.rewrites] == ["swiglu + down projection"]
 
 
 NEAR_MISSES = {
