@@ -11,7 +11,10 @@ against one log-mixture M of the student's and teacher's log-probabilities, with
 
 the weights summing to 1, each KL term weighted as its side in M (then the sum is c * JSD with beta = w_t), and
 the KLs reduced by ``sum`` / ``batchmean`` / ``mean``, or unreduced and the weighted sum then summed or averaged
-whole. What follows the JSD (a division by the token count) stays in the graph. The arithmetic must be in fp32:
+whole. An unreduced sum may first keep the rows whose label is not an ignore index, ``jsd[labels != -100].sum()``
+(TRL's GKD trainer; Dynamo traces that masking only with
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True``, and otherwise breaks the graph there): the op
+takes the labels and skips those rows. What follows the JSD (a division by the token count) stays in the graph. The arithmetic must be in fp32:
 an upcast of 16-bit log-probabilities is taken into the op, which reads them as they are.
 
 Fused: each side is ``log_softmax(linear(h, W) [.float()] [/ T], -1)`` with one temperature T on both sides, no
@@ -25,6 +28,7 @@ not sum to 1, and ``kl_div`` with legacy ``size_average`` / ``reduce``, shapes t
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +69,9 @@ class _Jsd:
     fused: tuple | None = None  # (student hidden, student weight, teacher hidden, teacher weight, temperature)
     why_not_fused: str = ""
     fused_nodes: list[fx.Node] = field(default_factory=list)
+    labels: fx.Node | None = None  # rows labelled ignore_index are left out of the sum
+    ignore_index: int = -100
+    size_checks: list[fx.Node] = field(default_factory=list)  # Dynamo's asserts on the masked rows' count
 
 
 @dataclass
@@ -96,7 +103,7 @@ def apply(graph: fx.Graph, record: Recorder) -> None:
 
 def _replace_jsd(graph: fx.Graph, rewriter: Rewriter, match: _Jsd) -> None:
     if match.fused is None:
-        target, args = _JSD, (match.student, match.teacher, None, match.beta, -100, "sum")
+        target, args = _JSD, (match.student, match.teacher, match.labels, match.beta, match.ignore_index, "sum")
     else:
         *lm_heads, temperature = match.fused
         operands = []
@@ -104,8 +111,11 @@ def _replace_jsd(graph: fx.Graph, rewriter: Rewriter, match: _Jsd) -> None:
             for hidden, weight, dtype in lm_heads:
                 rows = derived(graph, torch.reshape, (hidden, (-1, tensor_meta(hidden).shape[-1])))
                 operands.extend(autocast_explicitly(graph, [rows, weight], dtype))
+            labels = None if match.labels is None else derived(graph, torch.reshape, (match.labels, (-1,)))
         target = _FUSED_JSD
-        args = (*operands, None, match.beta, -100, temperature, "sum", 0)
+        args = (*operands, labels, match.beta, match.ignore_index, temperature, "sum", 0)
+    for check in reversed(match.size_checks):  # they read the masked values, which are no longer computed
+        graph.erase_node(check)
     new = rewriter.replace(match.final, target, args, match.nodes + match.fused_nodes)
     if match.scale != 1.0:
         with graph.inserting_after(new):
@@ -121,8 +131,9 @@ def _jsd_at(node: fx.Node) -> _Jsd | None:
     if call is None:
         return None
     whole = call.op in ("sum", "mean") and call.get("dim") is None and call.get("dtype") is None
-    if whole:  # the sum or mean of unreduced KL terms
-        terms, offset, interior = _linear_terms(call["input"])
+    masked = _unignored_rows(call["input"], node) if whole else None
+    if whole:  # the sum or mean of unreduced KL terms, maybe of the rows not ignored
+        terms, offset, interior = _linear_terms(call["input"] if masked is None else masked[0])
     elif call.op in ("add", "sub"):
         terms, offset, interior = _linear_terms(node)
     else:
@@ -159,16 +170,68 @@ def _jsd_at(node: fx.Node) -> _Jsd | None:
     if {meta.dtype for meta in metas} != {torch.float32}:
         raise InexactMatch(f"the JSD arithmetic is in {metas[2].dtype}; the op computes in fp32")
     operator_name = call.op if whole else reductions.pop()
+    if masked is not None and operator_name != "sum":
+        raise InexactMatch("the mean of the rows not ignored divides by their count, known only when it runs: the "
+                           "op sums them (sum, then divide in the graph)")
     divisor = _divisor(operator_name, metas[0])
     teacher, student, beta = first, second, w_first
     if metas[0].requires_grad and not metas[1].requires_grad:  # the side with a gradient is the student
         teacher, student, beta = second, first, w_second
     nodes = [node, *interior, *terms, *mixture_nodes]
     match = _Jsd(node, teacher, student, beta, c_first / w_first / divisor, nodes)
+    if masked is not None:
+        _, match.labels, match.ignore_index, selection, match.size_checks = masked
+        match.nodes.append(selection)
     _fuse(match)
     if match.fused is None:
         match.teacher, match.student = (_absorb_upcast(side, match.nodes) for side in (teacher, student))
     return match
+
+
+_NOT_EQUAL = (operator.ne, torch.ne, torch.Tensor.ne)
+_COMPARISONS = (operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne)
+
+
+def _unignored_rows(node, reducer: fx.Node):
+    """(values, labels, ignore_index, the selection node, its size checks) when `node` is
+    ``values[labels != ignore_index]`` with an int constant, labels of an integer dtype, one per row of values
+    (all dims but the last), and nothing but `reducer` and Dynamo's asserts on its row count reads the selection."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and len(node.args) == 2 and isinstance(node.args[1], fx.Node)):
+        return None
+    values, mask = node.args
+    if mask.op == "call_function" and mask.target in _NOT_EQUAL or mask.op == "call_method" and mask.target == "ne":
+        operands = list(mask.args)
+    else:
+        return None
+    if len(operands) != 2 or mask.kwargs:
+        return None
+    labels, ignore_index = (operands if isinstance(operands[0], fx.Node) else operands[::-1])
+    if not isinstance(labels, fx.Node) or type(ignore_index) is not int:
+        return None
+    labels_meta, values_meta = tensor_meta(labels), tensor_meta(values)
+    if (labels_meta is None or values_meta is None or labels_meta.dtype not in (torch.int64, torch.int32)
+            or values_meta.dim() < 2 or not same_shape(labels_meta.shape, values_meta.shape[:-1])):
+        return None
+    size_checks = _size_checks(node, reducer)
+    return None if size_checks is None else (values, labels, ignore_index, node, size_checks)
+
+
+def _size_checks(selection: fx.Node, reducer: fx.Node) -> list[fx.Node] | None:
+    """The nodes, in graph order, that only check `selection`'s (data-dependent) row count, when nothing but them
+    and `reducer` reads it; None otherwise."""
+    checks, pending = [], [user for user in selection.users if user is not reducer]
+    while pending:
+        user = pending.pop()
+        if user in checks:
+            continue
+        size_query = user.target is torch.ops.aten.sym_size.int and user.args[0] is selection
+        if not (size_query or user.target in _COMPARISONS or user.target is torch.ops.aten._assert_scalar.default):
+            return None
+        checks.append(user)
+        pending.extend(user.users)
+    order = {n: i for i, n in enumerate(selection.graph.nodes)}
+    return sorted(checks, key=order.__getitem__)
 
 
 def _divisor(reduction: str, meta: torch.Tensor) -> float:
@@ -262,7 +325,7 @@ def _fuse(match: _Jsd) -> None:
         match.why_not_fused = "log-probabilities not made by log_softmax(linear(h, W) [/ T])"
         return
     (student_linear, student_t, student_nodes), (teacher_linear, teacher_t, teacher_nodes) = chains
-    absorbed = set(match.nodes) | set(student_nodes) | set(teacher_nodes)
+    absorbed = set(match.nodes) | set(match.size_checks) | set(student_nodes) | set(teacher_nodes)
     if any(not set(n.users) <= absorbed for n in interior + student_nodes + teacher_nodes):
         match.why_not_fused = "the log-probabilities or logits are also used elsewhere"
         return

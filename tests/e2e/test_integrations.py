@@ -177,16 +177,20 @@ def test_gkd_trainer_with_optimized_student_and_teacher_trains_as_eager(tmp_path
 MASKED_JSD_IS_NOT_MATCHED = pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="TRL 1.16 masks the per-token JSD with jsd[labels != -100] before summing it: a data-dependent shape, "
-           "so Dynamo breaks the graph between the JSD and its sum, and the divergence pass matches only a JSD "
-           "reduced in the graph that computes it")
+           "so by default Dynamo breaks the graph between the JSD and its sum, and the divergence pass matches "
+           "only a JSD reduced in the graph that computes it")
 
 
-@pytest.mark.parametrize("with_labels", [pytest.param(False, id="without-labels"),
-                                         pytest.param(True, id="with-labels", marks=MASKED_JSD_IS_NOT_MATCHED)])
+@pytest.mark.parametrize("with_labels, tracing_masks", [
+    pytest.param(False, False, id="without-labels"),
+    pytest.param(True, False, id="with-labels", marks=MASKED_JSD_IS_NOT_MATCHED),
+    pytest.param(True, True, id="with-labels-tracing-masks"),
+])
 @pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
-def test_gkd_loss_is_rewritten(with_labels):
+def test_gkd_loss_is_rewritten(with_labels, tracing_masks):
     """TRL's own generalized_jsd_loss (its mixture spelled with log1p), on logits: GKDTrainer.compute_loss always
-    passes the labels, which mask the prompt."""
+    passes the labels, which mask the prompt. With Dynamo tracing boolean indexing
+    (``capture_dynamic_output_shape_ops``) the masked JSD is one graph, and the op takes the labels."""
     pytest.importorskip("trl", reason="TRL is a test dependency")
     from trl.experimental.gkd import GKDTrainer
 
@@ -196,8 +200,11 @@ def test_gkd_loss_is_rewritten(with_labels):
     labels = RandomTokens(2, 8).ids.to(DEVICE)
     labels[:, :3] = -100  # the prompt
     inputs = (student, teacher, labels) if with_labels else (student, teacher)
-    loss, report = compile_and_report(GKDTrainer.generalized_jsd_loss, *inputs)
-    assert_close(loss, GKDTrainer.generalized_jsd_loss(*inputs))
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=tracing_masks):
+        loss, report = compile_and_report(GKDTrainer.generalized_jsd_loss, *inputs)
+    expected = GKDTrainer.generalized_jsd_loss(*inputs)
+    assert_close(loss, expected)
+    assert_close(torch.autograd.grad(loss, student)[0], torch.autograd.grad(expected, student)[0])
     assert report.counts()["divergence"] == 1, str(report)
 
 

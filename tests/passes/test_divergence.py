@@ -203,5 +203,56 @@ def test_near_misses_are_reported_not_rewritten_as_a_jsd(loss, dtype, reason):
     assert any(reason in r for r in reasons(report)), str(report)
 
 
+def labels_with_ignored_rows():
+    torch.manual_seed(2)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), device=DEVICE)
+    labels[0, :2] = -100  # a prompt
+    labels[1] = -100  # a row with nothing to learn
+    return labels
+
+
+def masked_gkd(labels, reduce="sum_over_count", beta=0.3):
+    """TRL's generalized_jsd_loss with labels: the per-token JSD of the rows not ignored, by boolean indexing."""
+    def loss(student, teacher):
+        weight = torch.tensor(beta, dtype=student.dtype, device=student.device)
+        mixture = torch.logsumexp(torch.stack([student + torch.log1p(-weight), teacher + torch.log(weight)]), dim=0)
+        jsd = (weight * F.kl_div(mixture, teacher, reduction="none", log_target=True)
+               + (1 - weight) * F.kl_div(mixture, student, reduction="none", log_target=True))
+        mask = labels != -100
+        if reduce == "elements":  # a mask over elements, not rows
+            return jsd[jsd > 1e-3].sum()
+        kept = jsd[mask]
+        return kept.mean() if reduce == "mean" else kept.sum() / mask.sum().clamp_min(1)
+    return loss
+
+
+def run_tracing_masks(module, inputs):
+    """`run`, with Dynamo tracing boolean indexing (a data-dependent shape) instead of breaking the graph there."""
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        return run(module, inputs)
+
+
+def test_rows_masked_by_labels_fuse_with_both_lm_heads():
+    report = run_tracing_masks(Distillation(masked_gkd(labels_with_ignored_rows())), hidden_states())
+    assert variants(report) == ["fused linear jsd"], str(report)
+
+
+def test_rows_masked_by_labels_on_log_probabilities():
+    inputs = log_probabilities(torch.float32, True, 0), log_probabilities(torch.float32, False, 1)
+    report = run_tracing_masks(OnLogProbabilities(masked_gkd(labels_with_ignored_rows())), inputs)
+    assert variants(report) == ["jsd (log-probabilities not made by log_softmax(linear(h, W) [/ T]))"], str(report)
+
+
+def test_masked_rows_averaged_or_a_mask_over_elements_are_left_alone():
+    """The mean of the kept rows divides by a count known only when it runs; a mask over elements is no row
+    selection: neither is rewritten as a JSD."""
+    inputs = log_probabilities(torch.float32, True, 0), log_probabilities(torch.float32, False, 1)
+    labels = labels_with_ignored_rows()
+    report = run_tracing_masks(OnLogProbabilities(masked_gkd(labels, reduce="mean")), inputs)
+    assert variants(report) == [] and any("known only when it runs" in r for r in reasons(report)), str(report)
+    report = run_tracing_masks(OnLogProbabilities(masked_gkd(labels, reduce="elements")), inputs)
+    assert variants(report) == [], str(report)
+
+
 def test_family_switched_off():
     assert variants(run(Distillation(trl_gkd), hidden_states(), divergence=False)) == []
