@@ -14,7 +14,11 @@ Two rewrites of the call's arguments; the attention itself stays PyTorch's:
   attention falls back to its math kernel (so that case is left as it is, and not reported: nothing inexact).
 
 A mask compared from index ranges that is not provably causal (an offset, a strict ``<``, the operands swapped)
-is left alone and reported.
+is left alone and reported. A mask computed from constants alone by other deterministic ops (HF's mask for
+packed sequences, which transformers builds when no cache is in use, e.g. under gradient checkpointing: positions
+``arange``d, compared within a batch row and ``&``-ed with the causal comparison) is evaluated, on the CPU, and
+rewritten where every element equals the causal mask's. Inside an activation-checkpointed layer the mask is an
+input of the region, built once outside it: the rewrite follows it there.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from liger_compile.passes.graph import InexactMatch, erase_unused, find_matches, same_shape, tensor_meta
+from liger_compile.passes.graph import InexactMatch, erase_unused, find_matches, outside, same_shape, tensor_meta
 from liger_compile.passes.manager import Recorder
 
 FAMILY = "attention"
@@ -35,6 +39,17 @@ _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causa
 _LESS_EQUAL = {operator.le, torch.le, "le"}  # a <= b
 _GREATER_EQUAL = {operator.ge, torch.ge, "ge"}  # a >= b
 _COMPARISONS = {operator.lt, operator.gt, torch.lt, torch.gt, "lt", "gt"} | _LESS_EQUAL | _GREATER_EQUAL
+
+# Deterministic ops a mask made from constants may go through to be evaluated (no uninitialised memory, no
+# randomness, no data from outside the graph), and the most elements any step may have.
+_EVALUABLE = {
+    torch.arange, torch.ones, torch.zeros, torch.full, torch.diff, torch.cumsum, torch.tril, torch.triu,
+    torch.where, torch.logical_and, torch.logical_or, torch.logical_not, operator.add, operator.sub,
+    operator.getitem, operator.eq, operator.ne, operator.and_, operator.or_, operator.invert, torch.eq, torch.ne,
+    "unsqueeze", "expand", "view", "reshape", "to", "cumsum", "diff", "new_ones", "new_zeros", "eq", "ne",
+    "logical_and", "logical_or", "logical_not", "tril", "triu", "bool", "long", "int",
+} | _COMPARISONS
+_MAX_EVALUATED_ELEMENTS = 2**27
 
 
 @dataclass
@@ -99,17 +114,18 @@ def _along(node: fx.Node, length, dim: int) -> bool:
 def _causal_mask(mask, q_length, kv_length) -> list[fx.Node] | None:
     """The nodes of `mask` when it is ``kv_index <= q_index`` (or ``q_index >= kv_index``), the positions
     ``arange``s from 0 along the mask's last and second-last dims, maybe expanded; None when it is not a
-    comparison of position ranges; `InexactMatch` when it is one but not provably the causal mask."""
-    nodes = []
+    comparison of position ranges; `InexactMatch` when it is one but not provably the causal mask. A mask handed
+    into a checkpointed region is read where it was built (its nodes there stay: the region's call reads them)."""
+    nodes, mask = [], outside(mask)
     while isinstance(mask, fx.Node) and _target(mask) in ("expand", torch.Tensor.expand):
         nodes.append(mask)
         mask = mask.args[0]
     if not isinstance(mask, fx.Node) or _target(mask) not in _COMPARISONS or len(mask.args) != 2:
-        return None
+        return _evaluated_causal(mask, q_length, kv_length)
     target, (left, right) = _target(mask), mask.args
     ranges = [_position_range(side) for side in (left, right)]
     if None in ranges:
-        return None
+        return _evaluated_causal(mask, q_length, kv_length)
     if not all(from_zero for _, from_zero in ranges):
         raise InexactMatch("the mask compares positions that are not arange(length) from 0 (an offset or a step): "
                            "not provably the causal mask")
@@ -119,6 +135,50 @@ def _causal_mask(mask, q_length, kv_length) -> list[fx.Node] | None:
         raise InexactMatch(f"the mask compares query and key positions with {name} in an order that is not "
                            "key <= query: not the causal mask")
     return nodes + [mask] + ranges[0][0] + ranges[1][0]
+
+
+def _evaluated_causal(mask, q_length, kv_length) -> list[fx.Node] | None:
+    """The nodes of `mask` when it is computed from constants alone through `_EVALUABLE` ops with static shapes
+    and, evaluated on the CPU, is True exactly where the key's position is at most the query's (its last two dims
+    the query's and the key's length); None otherwise."""
+    if not isinstance(mask, fx.Node) or not isinstance(q_length, int) or not isinstance(kv_length, int):
+        return None
+    nodes, pending = set(), [mask]
+    while pending:
+        node = pending.pop()
+        if node in nodes:
+            continue
+        meta = tensor_meta(node)
+        if (_target(node) not in _EVALUABLE or meta is None or not all(isinstance(d, int) for d in meta.shape)
+                or meta.numel() > _MAX_EVALUATED_ELEMENTS):
+            return None
+        nodes.add(node)
+        pending.extend(node.all_input_nodes)
+    values: dict[fx.Node, object] = {}
+
+    def value(arg):
+        if isinstance(arg, fx.Node):
+            return values[arg]
+        if isinstance(arg, torch.device):
+            return torch.device("cpu")  # integer and boolean arithmetic: the same values on any device
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    for node in mask.graph.nodes:  # graph order: operands first
+        if node not in nodes:
+            continue
+        args, kwargs = value(node.args), {k: value(v) for k, v in node.kwargs.items()}
+        if node.op == "call_method":
+            values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            values[node] = node.target(*args, **kwargs)
+    result = values[mask]
+    if not (isinstance(result, torch.Tensor) and result.dtype == torch.bool and result.dim() >= 2
+            and tuple(result.shape[-2:]) == (q_length, kv_length)):
+        return None
+    causal = torch.ones(q_length, kv_length, dtype=torch.bool).tril()
+    return [node for node in mask.graph.nodes if node in nodes] if bool((result == causal).all()) else None
 
 
 def _repeated_heads(node) -> tuple[fx.Node, int, list[fx.Node]] | None:

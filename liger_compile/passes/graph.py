@@ -399,6 +399,36 @@ def recompute_in_backward(new: fx.Node, replaced: fx.Node) -> None:
     new.meta["recompute"] = replaced.meta.get("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
 
 
+# Set on a checkpoint region body's placeholders: the node of the enclosing graph that the region is called with.
+_OUTER_OPERAND = "liger_outer_operand"
+
+
+def link_region_operands(gm: fx.GraphModule) -> None:
+    """Tell the placeholders of every activation-checkpoint region body nested in `gm` which node of the
+    enclosing graph they receive (`outside`), so that a rewrite inside can look at how an operand was made (the
+    causal mask a model builds once and hands to every checkpointed layer)."""
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.target is not torch.ops.higher_order.tag_activation_checkpoint or node.args[0].op != "get_attr":
+                continue
+            body = getattr(module, node.args[0].target)
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            if len(placeholders) != len(node.args) - 1:
+                continue
+            for placeholder, operand in zip(placeholders, node.args[1:]):
+                placeholder.meta[_OUTER_OPERAND] = operand
+
+
+def outside(node: Any) -> Any:
+    """What `node` is in the graph that encloses its checkpoint region(s), or `node` itself."""
+    while isinstance(node, fx.Node) and node.op == "placeholder" and isinstance(node.meta.get(_OUTER_OPERAND),
+                                                                                  fx.Node):
+        node = node.meta[_OUTER_OPERAND]
+    return node
+
+
 def derived(graph: fx.Graph, function, args: tuple) -> fx.Node:
     """A new node `function(*args)` at the graph's insertion point, its example value computed from its first
     operand's."""

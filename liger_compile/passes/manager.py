@@ -17,7 +17,7 @@ from typing import Callable
 from torch import fx
 
 from liger_compile.ops._library import fall_back, one_line
-from liger_compile.passes.graph import location
+from liger_compile.passes.graph import link_region_operands, location
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class _FamilyError(Exception):
 
 
 def _apply_all(gm: fx.GraphModule, families: dict[str, Family]) -> list[Recorder]:
+    link_region_operands(gm)
     recorders = []
     for name, apply in families.items():
         recorder = Recorder(name)

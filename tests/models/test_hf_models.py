@@ -129,10 +129,12 @@ class TestRewriteCounts(TestCase):
             str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 4, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
     def test_llama_with_gradient_checkpointing(self):
-        # the per-layer norms and MLPs now sit inside checkpoint bodies (nested graphs): still found
+        # the per-layer norms and MLPs now sit inside checkpoint bodies (nested graphs): still found; without a
+        # cache transformers masks for packed sequences, a mask built outside the layers from default positions,
+        # which evaluates to the causal one: both attentions become is_causal
         report = train_step_parity("llama", checkpointing=True)
         self.assertExpectedInline(
-            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 0, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
+            str(report.counts()), """{'layer_norm': 0, 'rms_norm': 5, 'residual_norm': 0, 'glu': 2, 'rope': 2, 'attention': 2, 'cross_entropy': 1, 'divergence': 0, 'embedding': 1, 'int2_matmul': 0}""")
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Inductor's CPU codegen costs ~30 s a model; the e2e test covers it")

@@ -24,6 +24,25 @@ def q_ge_kv(q_len, kv_len, device):
     return torch.ge(torch.arange(q_len, device=device).view(q_len, 1), torch.arange(kv_len, device=device))
 
 
+def packed_sequences(q_len, kv_len, device):
+    """transformers' mask for packed sequences without a cache (e.g. under gradient checkpointing), over default
+    positions: one sequence, so causal, but only evaluating it shows that."""
+    position = torch.arange(kv_len, device=device)[None, :]
+    sequence = (torch.diff(position, prepend=position[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    q, kv = torch.arange(q_len, device=device)[:, None], torch.arange(kv_len, device=device)[None, :]
+    return torch.ones((), dtype=torch.bool, device=device) & (sequence[0, kv] == sequence[0, q]) & (
+        position[0, kv] <= position[0, q])
+
+
+def tril_of_ones(q_len, kv_len, device):
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+
+
+def sliding_window(q_len, kv_len, device):  # causal within 3 positions (Mistral, Gemma 2): not the causal mask
+    q, kv = torch.arange(q_len, device=device)[:, None], torch.arange(kv_len, device=device)[None, :]
+    return (kv <= q) & (q - kv < 3)
+
+
 def repeat_kv(x, n):  # transformers' repeat_kv
     batch, heads, length, width = x.shape
     return x[:, :, None, :, :].expand(batch, heads, n, length, width).reshape(batch, heads * n, length, width)
@@ -59,6 +78,8 @@ REWRITTEN = {
     "q >= kv, repeat_interleave": (Attention(q_ge_kv, repeat_interleave), [f"{CAUSAL}, {GQA}"]),
     "kv <= q, no repeat": (Attention(kv_le_q, None, kv_heads=HEADS), [CAUSAL]),
     "is_causal, repeat_kv": (Attention(None, repeat_kv), [GQA]),
+    "packed-sequence mask, evaluated": (Attention(packed_sequences, repeat_kv), [f"{CAUSAL}, {GQA}"]),
+    "tril of ones, evaluated": (Attention(tril_of_ones, None, kv_heads=HEADS), [CAUSAL]),
 }
 
 
@@ -105,6 +126,13 @@ def test_repeated_kv_with_another_mask_is_left_alone():
     assert report.near_misses == []  # not inexact: enable_gqa with a mask would only be slower on CUDA
 
 
+def test_a_sliding_window_built_from_constants_is_left_alone():
+    """Evaluated, it differs from the causal mask (keys more than 2 positions back are hidden): not rewritten."""
+    torch.manual_seed(0)
+    report = check_rewrite(Attention(sliding_window, repeat_kv), attention_input(), "attention", 0)
+    assert report.near_misses == []
+
+
 def test_switchable():
     torch.manual_seed(0)
     report = check_rewrite(Attention(kv_le_q, repeat_kv), attention_input(), "attention", 0, attention=False)
@@ -121,6 +149,29 @@ def test_hf_causal_mask_of_older_torch_compiles_to_is_causal(model_type, monkeyp
     model, reference = tiny_causal_lm(model_type), tiny_causal_lm(model_type)
     for m in (model, reference):
         m.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, report = compile_and_report(lambda i: model(input_ids=i, labels=i).loss, ids)
+    expected = reference(input_ids=ids, labels=ids).loss
+    loss.backward()
+    expected.backward()
+    assert variants(report, "attention") == [f"{CAUSAL}, {GQA}"] * 2, str(report)
+    torch.testing.assert_close(loss, expected)
+    for p, p_ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_hf_mask_under_gradient_checkpointing_compiles_to_is_causal(model_type, monkeypatch):
+    """With gradient checkpointing transformers uses no cache and builds its packed-sequence mask from the default
+    positions, outside the checkpointed layers that receive it: evaluated there, it is the causal mask."""
+    import transformers.masking_utils
+
+    monkeypatch.setattr(transformers.masking_utils, "is_torchdynamo_exporting", lambda: True)
+    model, reference = tiny_causal_lm(model_type), tiny_causal_lm(model_type)
+    for m in (model, reference):
+        m.config._attn_implementation = "sdpa"
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     loss, report = compile_and_report(lambda i: model(input_ids=i, labels=i).loss, ids)
     expected = reference(input_ids=ids, labels=ids).loss
