@@ -49,7 +49,7 @@ _EVALUABLE = {
     "unsqueeze", "expand", "view", "reshape", "to", "cumsum", "diff", "new_ones", "new_zeros", "eq", "ne",
     "logical_and", "logical_or", "logical_not", "tril", "triu", "bool", "long", "int",
 } | _COMPARISONS
-_MAX_EVALUATED_ELEMENTS = 2**27
+_MAX_EVALUATED_ELEMENTS = 2**30  # batch 8 of 8192 positions: (8, 1, 8192, 8192) booleans, 0.5 GiB
 
 
 @dataclass
