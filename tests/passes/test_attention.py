@@ -160,6 +160,36 @@ def test_hf_causal_mask_of_older_torch_compiles_to_is_causal(model_type, monkeyp
         torch.testing.assert_close(p.grad, p_ref.grad)
 
 
+class CheckpointedLayers(nn.Module):
+    """A causal mask built once, handed to two attention layers that run under activation checkpointing."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Attention(None, repeat_kv) for _ in range(2)])
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        mask = kv_le_q(length, length, x.device).expand(batch, 1, length, length)
+        for layer in self.layers:
+            x = x + torch.utils.checkpoint.checkpoint(self.attend, layer, x, mask, use_reentrant=False)
+        return x
+
+    @staticmethod
+    def attend(layer, x, mask):
+        batch, length, _ = x.shape
+        q = layer.q(x).view(batch, length, HEADS, HEAD_DIM).transpose(1, 2)
+        k, v = layer.kv(x).view(batch, length, 2, KV_HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        k, v = repeat_kv(k, HEADS // KV_HEADS), repeat_kv(v, HEADS // KV_HEADS)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(batch, length, HEADS * HEAD_DIM)[..., :16]
+
+
+def test_a_mask_handed_into_checkpointed_layers_is_read_where_it_was_built():
+    torch.manual_seed(0)
+    report = check_rewrite(CheckpointedLayers(), attention_input(), "attention", 2)
+    assert variants(report, "attention") == [f"{CAUSAL}, {GQA}"] * 2, str(report)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_hf_mask_under_gradient_checkpointing_compiles_to_is_causal(model_type, monkeypatch):
     """With gradient checkpointing transformers uses no cache and builds its packed-sequence mask from the default
