@@ -48,6 +48,8 @@ _EVALUABLE = {
     operator.getitem, operator.eq, operator.ne, operator.and_, operator.or_, operator.invert, torch.eq, torch.ne,
     "unsqueeze", "expand", "view", "reshape", "to", "cumsum", "diff", "new_ones", "new_zeros", "eq", "ne",
     "logical_and", "logical_or", "logical_not", "tril", "triu", "bool", "long", "int",
+    # how some torch versions' Dynamo records ==, !=, &, | and ~ between tensors (torch 2.11: ``__eq__``)
+    "__eq__", "__ne__", "__le__", "__lt__", "__ge__", "__gt__", "__and__", "__or__", "__invert__",
 } | _COMPARISONS
 _MAX_EVALUATED_ELEMENTS = 2**30  # batch 8 of 8192 positions: (8, 1, 8192, 8192) booleans, 0.5 GiB
 

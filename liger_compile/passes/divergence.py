@@ -200,7 +200,8 @@ def _unignored_rows(node, reducer: fx.Node):
             and len(node.args) == 2 and isinstance(node.args[1], fx.Node)):
         return None
     values, mask = node.args
-    if mask.op == "call_function" and mask.target in _NOT_EQUAL or mask.op == "call_method" and mask.target == "ne":
+    if mask.op == "call_function" and mask.target in _NOT_EQUAL or mask.op == "call_method" and mask.target in (
+            "ne", "__ne__"):
         operands = list(mask.args)
     else:
         return None
