@@ -139,16 +139,22 @@ def test_switchable():
     assert report.near_misses == []
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["cache", "checkpointing"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_hf_causal_mask_of_older_torch_compiles_to_is_causal(model_type, monkeypatch):
+def test_hf_causal_mask_of_older_torch_compiles_to_is_causal(model_type, checkpointing, monkeypatch):
     """Before pytorch#176499 (torch < 2.14) transformers builds its causal mask under torch.compile, as it does
-    here when told it is exporting."""
+    here when told it is exporting. With gradient checkpointing it uses no cache and builds its packed-sequence
+    mask from the default positions instead, outside the checkpointed layers that receive it: evaluated there, it
+    is the causal mask."""
     import transformers.masking_utils
 
     monkeypatch.setattr(transformers.masking_utils, "is_torchdynamo_exporting", lambda: True)
     model, reference = tiny_causal_lm(model_type), tiny_causal_lm(model_type)
     for m in (model, reference):
         m.config._attn_implementation = "sdpa"
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     loss, report = compile_and_report(lambda i: model(input_ids=i, labels=i).loss, ids)
     expected = reference(input_ids=ids, labels=ids).loss
@@ -188,29 +194,6 @@ def test_a_mask_handed_into_checkpointed_layers_is_read_where_it_was_built():
     torch.manual_seed(0)
     report = check_rewrite(CheckpointedLayers(), attention_input(), "attention", 2)
     assert variants(report, "attention") == [f"{CAUSAL}, {GQA}"] * 2, str(report)
-
-
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_hf_mask_under_gradient_checkpointing_compiles_to_is_causal(model_type, monkeypatch):
-    """With gradient checkpointing transformers uses no cache and builds its packed-sequence mask from the default
-    positions, outside the checkpointed layers that receive it: evaluated there, it is the causal mask."""
-    import transformers.masking_utils
-
-    monkeypatch.setattr(transformers.masking_utils, "is_torchdynamo_exporting", lambda: True)
-    model, reference = tiny_causal_lm(model_type), tiny_causal_lm(model_type)
-    for m in (model, reference):
-        m.config._attn_implementation = "sdpa"
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        m.train()
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    loss, report = compile_and_report(lambda i: model(input_ids=i, labels=i).loss, ids)
-    expected = reference(input_ids=ids, labels=ids).loss
-    loss.backward()
-    expected.backward()
-    assert variants(report, "attention") == [f"{CAUSAL}, {GQA}"] * 2, str(report)
-    torch.testing.assert_close(loss, expected)
-    for p, p_ref in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad)
 
 
 class BroadcastQuery(nn.Module):
