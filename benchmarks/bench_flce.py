@@ -14,7 +14,7 @@ fused linear JSD.
 Time: ``triton.testing.do_bench`` median of whole steps; memory: peak allocated during one step above the
 inputs and the (student's) hidden and weight gradients every implementation must return.
 
-    python benchmarks/bench_flce.py [--loss jsd] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_flce.py [--loss jsd] [--quick] [--chunks 256,512] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ def eager_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, ta
     return jsd.sum() / student.shape[0]
 
 
-def jsd_implementations(quick: bool) -> dict:
+def jsd_implementations(chunks: tuple[int, ...]) -> dict:
     found = {"eager": eager_jsd, "inductor": torch.compile(eager_jsd, dynamic=False)}
     if LigerFusedLinearJSDFunction is not None:
         found["liger-kernel"] = lambda hs, ws, ht, wt, t: LigerFusedLinearJSDFunction.apply(
             hs, ws, ht, wt, None, BETA, -100, TEMPERATURE)
-    for chunk in (() if quick else CHUNKS) + (0,):
+    for chunk in chunks + (0,):
         found[f"liger-compile chunk {chunk or 'auto'}"] = (
             lambda hs, ws, ht, wt, t, chunk=chunk: torch.ops.liger.fused_linear_jsd(
                 hs, ws, ht, wt, None, BETA, -100, TEMPERATURE, "batchmean", chunk))
@@ -65,7 +65,7 @@ def jsd_implementations(quick: bool) -> dict:
     return found
 
 
-def implementations(quick: bool) -> dict:
+def implementations(chunks: tuple[int, ...]) -> dict:
     found = {"eager": eager, "inductor": torch.compile(eager, dynamic=False)}
     if LigerFusedLinearCrossEntropyFunction is not None:
         def liger_kernel(hidden, weight, target):
@@ -74,7 +74,7 @@ def implementations(quick: bool) -> dict:
         found["liger-kernel"] = liger_kernel
     if hasattr(F, "linear_cross_entropy"):
         found["F.linear_cross_entropy"] = lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=-100)
-    for chunk in (() if quick else CHUNKS) + (0,):
+    for chunk in chunks + (0,):
         found[f"liger-compile chunk {chunk or 'auto'}"] = (
             lambda h, w, t, chunk=chunk: torch.ops.liger.fused_linear_cross_entropy(h, w, None, t, chunk_rows=chunk))
     found["liger-compile backend"] = torch.compile(eager, backend="liger", dynamic=False)
@@ -138,7 +138,9 @@ def measure(fn, rows, hidden_size, vocab, reference=None, teacher=False) -> dict
     return {"ms": ms, "extra_mib": extra, "rel_error": error}, (loss, *grads)
 
 
-def run(quick: bool, loss: str = "cross_entropy") -> list[dict]:
+def run(quick: bool, loss: str = "cross_entropy", chunks: tuple[int, ...] | None = None) -> list[dict]:
+    """`chunks`: the chunk sizes measured besides the automatic one (default: none with `quick`, else CHUNKS)."""
+    chunks = (() if quick else CHUNKS) if chunks is None else chunks
     shapes = [(8192, 4096, 128256)] if quick else [(8192, 4096, 128256), (4096, 4096, 262144),
                                                     (8192, 4096, 32000), (16384, 4096, 128256)]
     teacher = loss == "jsd"
@@ -152,7 +154,7 @@ def run(quick: bool, loss: str = "cross_entropy") -> list[dict]:
                          "rel_error": None, "x_floor": 1.0})
         print(f"{shape:<30}{floor_name:<30}{floor:>9.2f}", flush=True)
         reference = None
-        for name, fn in (jsd_implementations if teacher else implementations)(quick).items():
+        for name, fn in (jsd_implementations if teacher else implementations)(chunks).items():
             try:
                 result, outputs = measure(fn, rows, hidden_size, vocab, reference, teacher)
             except Exception as error:  # out of memory, or a peer that fails: a finding, not the end of the run
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loss", choices=("cross_entropy", "jsd"), default="cross_entropy")
     parser.add_argument("--quick", action="store_true", help="only N=8192, V=128256, automatic chunks")
+    parser.add_argument("--chunks", help="comma-separated rows per chunk to measure besides the automatic "
+                        f"chunk (default: {','.join(map(str, CHUNKS))}; none with --quick)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import liger_compile  # noqa: F401  (registers the ops and the backend)
 
-    rows = run(args.quick, args.loss)
+    chunks = None if args.chunks is None else tuple(int(c) for c in args.chunks.split(","))
+    rows = run(args.quick, args.loss, chunks)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "bench_flce" if args.loss == "cross_entropy" else "bench_fused_linear_jsd")
     with open(stem + ".json", "w") as f:

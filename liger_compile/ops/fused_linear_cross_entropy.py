@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from liger_compile.ops._library import (
+    add_linear_gradients,
     check_float_tensor,
     check_same_device,
     chunk_rows_for,
@@ -88,13 +89,8 @@ def _chunked(hidden, weight, bias, target, class_weight, ignore_index, label_smo
         if scales is None:
             continue
         dlogits = logits  # overwritten in place by loss_rows
-        if needs[0]:
-            torch.mm(dlogits, weight, out=grad_hidden[start:end])
-        if needs[1]:
-            if start == 0:
-                torch.mm(dlogits.t(), hidden_chunk, out=grad_weight)
-            else:
-                grad_weight.addmm_(dlogits.t(), hidden_chunk)
+        add_linear_gradients(dlogits, hidden_chunk, weight, start, grad_hidden if needs[0] else None,
+                             grad_weight if needs[1] else None)
         if needs[2]:
             grad_bias += dlogits.sum(0, dtype=torch.float32)
         del logits, dlogits  # before the next chunk's logits are allocated: one chunk alive at a time

@@ -25,6 +25,7 @@ import torch
 from liger_compile.kernels import divergence as kernels
 from liger_compile.kernels._launch import can_launch
 from liger_compile.ops._library import (
+    add_linear_gradients,
     check_float_tensor,
     check_same_device,
     chunk_rows_for,
@@ -120,13 +121,8 @@ def _chunked(student_hidden, student_weight, teacher_hidden, teacher_weight, lab
         if scale is None:
             continue
         dlogits = student_logits  # overwritten with its gradient
-        if needs[0]:
-            torch.mm(dlogits, student_weight, out=grad_hidden[start:end])
-        if needs[1]:
-            if start == 0:
-                torch.mm(dlogits.t(), hidden_chunk, out=grad_weight)
-            else:
-                grad_weight.addmm_(dlogits.t(), hidden_chunk)
+        add_linear_gradients(dlogits, hidden_chunk, student_weight, start, grad_hidden if needs[0] else None,
+                             grad_weight if needs[1] else None)
         del student_logits, dlogits  # before the next chunk's logits are allocated
     return rows, grad_hidden, grad_weight
 
