@@ -38,7 +38,7 @@ def run_sweep(name: str, shapes: list[tuple[int, int]], sweep_shape: Callable[[i
         for rows, cols in shapes:
             shape_results = sweep_shape(rows, cols)
             results += shape_results
-            for pass_ in dict.fromkeys(r["pass_"] for r in shape_results):
+            for pass_ in ("forward", "backward"):
                 best = sorted((r for r in shape_results if r["pass_"] == pass_), key=lambda r: r["ms"])[:4]
                 print(f"{rows}x{cols} {pass_}: " + "; ".join(
                     f"{r['ms']:.4f} ms {({k: v for k, v in r.items() if k not in _NOT_SETTINGS})}"

@@ -25,7 +25,6 @@ import torch
 from triton.compiler.errors import TritonError
 
 from liger_compile.kernels._launch import can_launch, is_traced, reference_only
-from liger_compile.kernels.linear_gradient import accumulate_transposed_product_
 from liger_compile.kernels.scale import scale_
 
 NAMESPACE = "liger"
@@ -214,13 +213,6 @@ def chunk_rows_for(op: str, n_rows: int, row_bytes: int, requested: int) -> int:
     return max(1, min(n_rows, requested or AUTO_CHUNK_BYTES // row_bytes))
 
 
-# 16-bit row chunks up to this many rows add their weight-gradient term with the Triton kernel, whose read of the
-# old gradient overlaps the multiply; longer ones, and fp32 (which the kernel multiplies without tensor cores),
-# with cuBLAS's addmm_ (see kernels/linear_gradient.py). Not under Triton's interpreter: it rounds fp32 to bf16
-# towards zero, a bias that grows with every chunk's rounding (its kernel tests allow the one ulp).
-SHORT_CHUNK_ROWS = 1024
-
-
 def add_linear_gradients(dlogits: torch.Tensor, hidden_chunk: torch.Tensor, weight: torch.Tensor, start: int,
                          grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
     """A row chunk's part of a linear layer's gradients, from its logits' gradient (rows start.. of the hidden
@@ -233,9 +225,6 @@ def add_linear_gradients(dlogits: torch.Tensor, hidden_chunk: torch.Tensor, weig
         return
     if start == 0:
         torch.mm(dlogits.t(), hidden_chunk, out=grad_weight)
-    elif (can_launch(dlogits) and dlogits.is_cuda and dlogits.dtype != torch.float32
-          and dlogits.shape[0] <= SHORT_CHUNK_ROWS):
-        accumulate_transposed_product_(grad_weight, dlogits, hidden_chunk)
     else:
         grad_weight.addmm_(dlogits.t(), hidden_chunk)
 
