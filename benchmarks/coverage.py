@@ -143,11 +143,15 @@ def expectations(rows: list[dict]) -> str:
 
     expected = {r["model_type"]: r["expected"] for r in rows if r["status"] == "ok"}
     unbuildable = {r["model_type"]: r["reason"] for r in rows if r["status"] == "unbuildable"}
+    seconds = {r["model_type"]: round(r["seconds"], 1) for r in rows if r["status"] == "ok"}
     return (
         '"""Rewrites expected per architecture, written by benchmarks/coverage.py; review changes by hand."""\n\n'
         f"TRANSFORMERS_VERSION = {transformers.__version__!r}\n\n"
         f"EXPECTED = {pprint.pformat(expected, width=116, sort_dicts=True)}\n\n"
-        f"UNBUILDABLE = {pprint.pformat(unbuildable, width=116, sort_dicts=True)}\n"
+        f"UNBUILDABLE = {pprint.pformat(unbuildable, width=116, sort_dicts=True)}\n\n"
+        "# Seconds each architecture's check took in that sweep, on its machine: the suite checks the quickest of\n"
+        "# each kind of expectation.\n"
+        f"SECONDS = {pprint.pformat(seconds, width=116, sort_dicts=True)}\n"
     )
 
 
