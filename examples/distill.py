@@ -2,7 +2,7 @@
 written in plain PyTorch, becomes one fused op that computes both lm_heads and the loss in row chunks, so neither
 model's logits exist whole.
 
-    python examples/distill.py [--steps 20] [--compiler inductor|aot_eager]
+    python examples/distill.py [--steps 20] [--compiler inductor|aot_eager] [--large]
 
 Both models are transformers Llamas built from configs with random weights (no downloads); the teacher is
 frozen. The script trains the student eagerly and compiled from the same start, prints the backend's report (look
@@ -50,11 +50,11 @@ class Distillation(nn.Module):
                                self.beta)
 
 
-def llama(hidden: int, layers: int, seed: int) -> nn.Module:
+def llama(hidden: int, layers: int, seed: int, vocab: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -75,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--large", action="store_true", help="GPU-sized: a 4-layer student of width 1024 and a "
+                        "teacher of width 2048, vocabulary 32000, 1024 tokens a row")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    distillation = Distillation(llama(64, 2, seed=0), llama(128, 3, seed=1)).to(device)
+    # (width, layers) of student and teacher, vocabulary, tokens a row
+    (student, teacher), vocab, length = (((1024, 4), (2048, 4)), 32000, 1024) if args.large else (
+        ((64, 2), (128, 3)), 512, 64)
+    distillation = Distillation(llama(*student, seed=0, vocab=vocab), llama(*teacher, seed=1, vocab=vocab)).to(device)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 512, (4, 64), generator=generator).to(device) for _ in range(args.steps)]
+    batches = [torch.randint(0, vocab, (4, length), generator=generator).to(device) for _ in range(args.steps)]
 
     eager_losses = train(copy.deepcopy(distillation), batches)
     compiled = torch.compile(copy.deepcopy(distillation), backend="liger", options={"compiler": args.compiler})

@@ -1,6 +1,7 @@
 """Train a causal LM with Hugging Face's Trainer and the liger backend: pass the model optimized in place.
 
     python examples/hf_trainer.py [--model llama | path/to/config_dir] [--steps 10] [--compiler inductor|aot_eager]
+        [--large]
 
 The model is built from a config with random weights (a tiny one by default; a config directory's model is
 shrunk to 2 layers), trained on random tokens with gradient accumulation and gradient checkpointing, evaluated
@@ -39,18 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="llama", help="a transformers model_type or a config directory")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--large", action="store_true", help="GPU-sized: 110M-parameter models, 1024 tokens a row")
     args = parser.parse_args(argv)
 
-    model = tiny_model(args.model)
+    model = tiny_model(args.model, large=args.large)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = liger_compile.optimize(model, inplace=True, compiler=args.compiler)
-    vocab = model.config.vocab_size
+    vocab, length = model.config.vocab_size, 1024 if args.large else 64
     with tempfile.TemporaryDirectory() as output_dir:
         training = TrainingArguments(output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                      max_steps=args.steps, learning_rate=1e-3, logging_steps=1, report_to=[],
                                      save_strategy="no", use_cpu=not torch.cuda.is_available())
-        trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(64, 64, vocab),
-                          eval_dataset=RandomTokens(8, 64, vocab))
+        trainer = Trainer(model=model, args=training, train_dataset=RandomTokens(64, length, vocab),
+                          eval_dataset=RandomTokens(8, length, vocab))
         with collect() as report:
             trainer.train()
             evaluation = trainer.evaluate()

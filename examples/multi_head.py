@@ -1,7 +1,7 @@
 """A multi-head language model (Medusa-style: head k predicts the token k + 1 places ahead) trained with
 ``backend="liger"``: each head's cross-entropy fuses with its lm_head, so none of the heads' logits exist whole.
 
-    python examples/multi_head.py [--heads 4] [--steps 10] [--compiler inductor|aot_eager]
+    python examples/multi_head.py [--heads 4] [--steps 10] [--compiler inductor|aot_eager] [--large]
 
 The backbone is a transformers Llama built from a config with random weights (no downloads). The script trains
 eagerly and compiled from the same start, prints the report (one ``fused linear`` per head) and checks that the
@@ -24,9 +24,9 @@ from liger_compile.report import collect
 
 
 class MultiHeadLM(nn.Module):
-    def __init__(self, heads: int):
+    def __init__(self, heads: int, large: bool = False):
         super().__init__()
-        self.backbone = tiny_model("llama").model
+        self.backbone = tiny_model("llama", large=large).model
         hidden, vocab = self.backbone.config.hidden_size, self.backbone.config.vocab_size
         self.heads = nn.ModuleList(nn.Linear(hidden, vocab, bias=False) for _ in range(heads))
 
@@ -56,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--large", action="store_true", help="GPU-sized: 110M-parameter models, 1024 tokens a row")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MultiHeadLM(args.heads).to(device)
+    model = MultiHeadLM(args.heads, args.large).to(device)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 512, (4, 64), generator=generator).to(device) for _ in range(args.steps)]
+    vocab, length = model.backbone.config.vocab_size, 1024 if args.large else 64
+    batches = [torch.randint(0, vocab, (4, length), generator=generator).to(device) for _ in range(args.steps)]
 
     eager_losses = train(copy.deepcopy(model), batches)
     compiled = torch.compile(model, backend="liger", options={"compiler": args.compiler})

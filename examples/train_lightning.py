@@ -2,6 +2,7 @@
 in place, so the lm_head fuses with the loss.
 
     python examples/train_lightning.py [--model llama | path/to/config_dir] [--steps 10] [--compiler inductor|aot_eager]
+        [--large]
 
 The model is built from a config with random weights (a tiny one by default; a config directory's model is
 shrunk to 2 layers) and trained on random tokens by ``lightning.Trainer``, eagerly and compiled from the same
@@ -56,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="llama", help="a transformers model_type or a config directory")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--large", action="store_true", help="GPU-sized: 110M-parameter models, 1024 tokens a row")
     args = parser.parse_args(argv)
 
-    model = tiny_model(args.model)
-    ids = torch.randint(0, model.config.vocab_size, (4 * args.steps, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(args.model, large=args.large)
+    length = 1024 if args.large else 64
+    ids = torch.randint(0, model.config.vocab_size, (4 * args.steps, length),
+                        generator=torch.Generator().manual_seed(0))
     eager_losses = train(copy.deepcopy(model), ids, args.steps)
     with collect() as report:
         liger_losses = train(liger_compile.optimize(model, inplace=True, compiler=args.compiler), ids, args.steps)
