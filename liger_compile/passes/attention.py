@@ -51,6 +51,11 @@ _EVALUABLE = {
     # how some torch versions' Dynamo records ==, !=, &, | and ~ between tensors (torch 2.11: ``__eq__``)
     "__eq__", "__ne__", "__le__", "__lt__", "__ge__", "__gt__", "__and__", "__or__", "__invert__",
 } | _COMPARISONS
+# Ops whose float results can round differently on the model's device than on the CPU (a float cumsum's rounding
+# depends on its summation order): evaluated on integers and booleans only. The others (constructors, casts,
+# views, comparisons, selections) give every dtype's values exactly.
+_ROUNDING = {torch.arange, torch.diff, torch.cumsum, operator.add, operator.sub, "cumsum", "diff"}
+_EXACT_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
 _MAX_EVALUATED_ELEMENTS = 2**30  # batch 8 of 8192 positions: (8, 1, 8192, 8192) booleans, 0.5 GiB
 
 
@@ -141,8 +146,8 @@ def _causal_mask(mask, q_length, kv_length) -> list[fx.Node] | None:
 
 def _evaluated_causal(mask, q_length, kv_length) -> list[fx.Node] | None:
     """The nodes of `mask` when it is computed from constants alone through `_EVALUABLE` ops with static shapes
-    and, evaluated on the CPU, is True exactly where the key's position is at most the query's (its last two dims
-    the query's and the key's length); None otherwise."""
+    (`_ROUNDING` ones on integers and booleans) and, evaluated on the CPU, is True exactly where the key's position
+    is at most the query's (its last two dims the query's and the key's length); None otherwise."""
     if not isinstance(mask, fx.Node) or not isinstance(q_length, int) or not isinstance(kv_length, int):
         return None
     nodes, pending = set(), [mask]
@@ -152,7 +157,8 @@ def _evaluated_causal(mask, q_length, kv_length) -> list[fx.Node] | None:
             continue
         meta = tensor_meta(node)
         if (_target(node) not in _EVALUABLE or meta is None or not all(isinstance(d, int) for d in meta.shape)
-                or meta.numel() > _MAX_EVALUATED_ELEMENTS):
+                or meta.numel() > _MAX_EVALUATED_ELEMENTS
+                or (_target(node) in _ROUNDING and meta.dtype not in _EXACT_DTYPES)):
             return None
         nodes.add(node)
         pending.extend(node.all_input_nodes)
@@ -162,7 +168,7 @@ def _evaluated_causal(mask, q_length, kv_length) -> list[fx.Node] | None:
         if isinstance(arg, fx.Node):
             return values[arg]
         if isinstance(arg, torch.device):
-            return torch.device("cpu")  # integer and boolean arithmetic: the same values on any device
+            return torch.device("cpu")  # the same values on any device (see _ROUNDING)
         if isinstance(arg, (tuple, list)):
             return type(arg)(value(a) for a in arg)
         return arg

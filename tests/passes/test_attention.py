@@ -133,6 +133,19 @@ def test_a_sliding_window_built_from_constants_is_left_alone():
     assert report.near_misses == []
 
 
+def test_a_constant_mask_built_through_floats_is_not_evaluated():
+    """Causal in value, but its positions are float cumulative sums, whose rounding could differ on the model's
+    device from the CPU's: sums and differences are evaluated on integers and booleans only."""
+    def float_positions(q_len, kv_len, device):
+        q = torch.ones(q_len, device=device).cumsum(0)[:, None]
+        kv = torch.ones(kv_len, device=device).cumsum(0)[None, :]
+        return kv <= q
+
+    torch.manual_seed(0)
+    report = check_rewrite(Attention(float_positions, repeat_kv), attention_input(), "attention", 0)
+    assert report.near_misses == []
+
+
 def test_switchable():
     torch.manual_seed(0)
     report = check_rewrite(Attention(kv_le_q, repeat_kv), attention_input(), "attention", 0, attention=False)
