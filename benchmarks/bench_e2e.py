@@ -9,7 +9,7 @@ each mode's largest relative difference from eager's).
 
     python benchmarks/bench_e2e.py [--preset 1b] [--batch 4] [--seq 2048] [--mode eager --mode ...]
         [--steps 12] [--profile] [--out benchmarks/results]
-    python benchmarks/bench_e2e.py --max-batch ...   the largest batch (doubling from 1) each mode trains
+    python benchmarks/bench_e2e.py --max-batch ...   each mode's largest batch (from the preset's, doubling or halving)
     python benchmarks/bench_e2e.py --max-seq 16384,32768,65536 ...   the longest sequence each mode trains at its batch
 
 Modes: eager; inductor (``torch.compile(model)``); liger-kernel (liger-kernel's patching of the model's modules,
@@ -181,6 +181,29 @@ def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to
                 losses=[loss.item() for loss in losses])
 
 
+def search_batch(start: int, train) -> list[dict]:
+    """The rows of `train(batch)` for the batches a search tries: from `start` (the preset's), doubling while it
+    trains, or halving down to 1 until it does; the last row that trained is the largest batch that fits."""
+    rows = [train(start)]
+    factor = 0.5 if "error" in rows[0] else 2
+    batch = start
+    while (batch := int(batch * factor)) >= 1:
+        rows.append(train(batch))
+        if ("error" in rows[-1]) == (factor == 2):  # the first failure going up, the first success going down
+            break
+    return rows
+
+
+def walk_lengths(lengths: list[int], train) -> list[dict]:
+    """The rows of `train(length)` for `lengths` in order, up to and including the first that fails."""
+    rows = []
+    for length in lengths:
+        rows.append(train(length))
+        if "error" in rows[-1]:
+            break
+    return rows
+
+
 def in_subprocess(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to: str | None,
                   timeout: int) -> dict:
     """`run_one` in a fresh process with empty compile caches (Inductor's and Triton's are on disk and would
@@ -283,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="default: the preset's")
     parser.add_argument("--mode", action="append", choices=MODES, help=f"default: {', '.join(DEFAULT_MODES)}")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--max-batch", action="store_true", help="search each mode's largest batch (doubling)")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="search each mode's largest batch (from --batch: doubling, or halving)")
     parser.add_argument("--max-seq", help="comma-separated lengths: each mode's longest that trains")
     parser.add_argument("--profile", action="store_true", help="write each mode's top kernels by GPU time")
     parser.add_argument("--timeout", type=int, default=540, help="seconds per mode's process")
@@ -306,17 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.max_batch or args.max_seq:
         kind = "batch" if args.max_batch else "seq"
-        trials = [2 ** i for i in range(10)] if args.max_batch else [int(t) for t in args.max_seq.split(",")]
         title = f"Largest {kind} each mode trains, preset {args.preset}, " + (
             f"seq {seq}" if args.max_batch else f"batch {batch}")
         for mode in progress(modes, f"{kind} search"):
-            for trial in trials:
+            def train(trial: int, mode=mode) -> dict:
                 shape = (trial, seq) if args.max_batch else (batch, trial)
                 row = in_subprocess(mode, args.preset, *shape, min(args.steps, WARMUP_STEPS + 2), None, args.timeout)
-                rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
-                if "error" in row:
-                    break
+                return row
+            rows += (search_batch(batch, train) if args.max_batch else
+                     walk_lengths([int(t) for t in args.max_seq.split(",")], train))
         stem = f"bench_e2e_{args.preset}_max_{kind}"
     else:
         title = f"Training steps, preset {args.preset}"

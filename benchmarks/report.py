@@ -56,7 +56,7 @@ def search_figure(plt, stem: str, result: dict) -> str:
     kind = "batch" if stem.endswith("max_batch") else "seq"
     figure, axis = plt.subplots(figsize=(6, 3.6))
     for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
-        trained = [r for r in result["rows"] if r["mode"] == mode and "error" not in r]
+        trained = sorted((r for r in result["rows"] if r["mode"] == mode and "error" not in r), key=lambda r: r[kind])
         axis.plot([r[kind] for r in trained], [r["tokens_per_s"] / 1e3 for r in trained], marker="o", label=mode)
     axis.set_xscale("log", base=2)
     axis.set_xlabel(kind)
