@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from liger_compile.report import collect
@@ -13,6 +16,19 @@ TOLERANCES = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (2e-2, 2e-2),
 }
+
+
+REPOSITORY = os.path.join(os.path.dirname(__file__), "..")
+
+
+def load_script(path: str):
+    """The module of the script at `path` (relative to the repository root: examples/, benchmarks/), which are
+    not packages, loaded without running its ``__main__`` block."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPOSITORY, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, *,

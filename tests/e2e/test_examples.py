@@ -3,22 +3,16 @@ the student to eager's losses; examples/hf_trainer.py trains, evaluates and save
 examples/multi_head.py fuses every head's lm_head with its loss; examples/train_lightning.py trains through
 Lightning's Trainer to eager's losses."""
 
-import importlib.util
-import os
 from collections import Counter
 
 import pytest
 
 from liger_compile.report import collect
-
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+from tests.helpers import load_script
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def test_distill_fuses_the_jsd_and_matches_eager(capsys):

@@ -1,7 +1,6 @@
 """Training a tiny Llama with the backend reproduces eager training; the demo runs."""
 
 import copy
-import importlib.util
 import os
 import re
 import subprocess
@@ -13,7 +12,7 @@ import torch
 import liger_compile
 from liger_compile.cli import tiny_model
 from tests.conftest import DEVICE
-from tests.helpers import assert_close, tiny_causal_lm
+from tests.helpers import assert_close, load_script, tiny_causal_lm
 
 
 def train(model, steps=3):
@@ -65,24 +64,16 @@ def test_bench_command_runs_the_checkout_benchmarks(which, script, capsys):
     assert f"{script}: no CUDA device" in capsys.readouterr().out
 
 
-def _bench_e2e():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location("bench_e2e", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("start,fits_up_to,tried", [(4, 20, [4, 8, 16, 32]), (4, 2, [4, 2]), (4, 0, [4, 2, 1]),
                                                     (1, 1, [1, 2])])
 def test_max_batch_search_doubles_while_it_trains_or_halves_until_it_does(start, fits_up_to, tried):
     def train(batch):
         return {"batch": batch} if batch <= fits_up_to else {"batch": batch, "error": "out of memory"}
 
-    rows = _bench_e2e().search_batch(start, train)
+    rows = load_script("benchmarks/bench_e2e.py").search_batch(start, train)
     assert [r["batch"] for r in rows] == tried
 
 
 def test_max_seq_walk_stops_at_the_first_length_that_fails():
-    rows = _bench_e2e().walk_lengths([8, 16, 32, 64], lambda n: {"seq": n, **({"error": "oom"} if n > 16 else {})})
+    rows = load_script("benchmarks/bench_e2e.py").walk_lengths([8, 16, 32, 64], lambda n: {"seq": n, **({"error": "oom"} if n > 16 else {})})
     assert [r["seq"] for r in rows] == [8, 16, 32]
