@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # the per-mode process
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
     import torch
 
     if not torch.cuda.is_available():
@@ -332,28 +334,38 @@ def main(argv: list[str] | None = None) -> int:
         kind = "batch" if args.max_batch else "seq"
         title = f"Largest {kind} each mode trains, preset {args.preset}, " + (
             f"seq {seq}" if args.max_batch else f"batch {batch}")
-        for mode in progress(modes, f"{kind} search"):
-            def train(trial: int, mode=mode) -> dict:
-                shape = (trial, seq) if args.max_batch else (batch, trial)
-                row = in_subprocess(mode, args.preset, *shape, min(args.steps, WARMUP_STEPS + 2), None, args.timeout)
-                print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
-                return row
-            rows += (search_batch(batch, train) if args.max_batch else
-                     walk_lengths([int(t) for t in args.max_seq.split(",")], train))
         stem = f"bench_e2e_{args.preset}_max_{kind}"
     else:
         title = f"Training steps, preset {args.preset}"
+        stem = f"bench_e2e_{args.preset}_B{batch}_T{seq}"
+    result = dict(title=title, environment=environment(), preset=PRESETS[args.preset], rows=rows)
+
+    def record() -> None:
+        """Writes the results so far after every row: a run cut short (a time limit, a crash) keeps its rows."""
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        annotate(rows)
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, stem + ".md"), "w") as f:
+            f.write(markdown(result))
+
+    if args.max_batch or args.max_seq:
+        for mode in progress(modes, f"{kind} search"):
+            def train(trial: int, mode=mode) -> dict:
+                shape = (trial, seq) if args.max_batch else (batch, trial)
+                rows.append(in_subprocess(mode, args.preset, *shape, min(args.steps, WARMUP_STEPS + 2), None,
+                                          args.timeout))
+                record()
+                return rows[-1]
+            if args.max_batch:
+                search_batch(batch, train)
+            else:
+                walk_lengths([int(t) for t in args.max_seq.split(",")], train)
+    else:
         for mode in progress(modes, "modes"):
             profile_to = os.path.join(args.out, f"profile_{args.preset}_{mode}.txt") if args.profile else None
             rows.append(in_subprocess(mode, args.preset, batch, seq, args.steps, profile_to, args.timeout))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
-        stem = f"bench_e2e_{args.preset}_B{batch}_T{seq}"
-    annotate(rows)
-    result = dict(title=title, environment=environment(), preset=PRESETS[args.preset], rows=rows)
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(markdown(result))
+            record()
     print(markdown(result))
     return 0
 
