@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -24,6 +25,10 @@ def optimize(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool |
     a loss, its logits are dropped from the output (``output.logits`` is None) inside the compiled region, so
     the lm_head and the loss fuse and the (tokens x vocab) logits are never materialised. `keep_logits=True`
     returns them (the loss is then computed from the materialised logits). Evaluation mode always keeps them.
+    For that, Dynamo must see the loss and the dropping in one graph, so while it traces the model it skips
+    transformers' ``Logger.warning_once``: called in every training step of a checkpointed model with
+    ``use_cache`` on ("`use_cache=True` is incompatible with gradient checkpointing"), it would break the graph
+    before the lm_head.
 
     `inplace=True` compiles `model` itself (``model.compile``) and returns it: it keeps its class, so code that
     inspects the class (HF's ``Trainer`` finds the label names in its ``forward``) and its ``state_dict`` keys
@@ -35,11 +40,27 @@ def optimize(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool |
         if not keep_logits:
             model.forward = _without_training_logits(model, model.forward)
         model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        model._compiled_call_impl = _skipping_warnings_once(model._compiled_call_impl)  # what model.compile set
         return model
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     if not keep_logits:
         compiled.forward = compiled.dynamo_ctx(_without_training_logits(model, model))
+    compiled.forward = _skipping_warnings_once(compiled.forward)
     return compiled
+
+
+def _skipping_warnings_once(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call`, during which Dynamo skips transformers' ``logging.Logger.warning_once`` (where transformers is
+    loaded) instead of breaking the graph at it: a message shown once is all it does."""
+    @functools.wraps(call)
+    def skipping(*args: Any, **kwargs: Any) -> Any:
+        warning_once = getattr(logging.Logger, "warning_once", None)
+        skipped = getattr(torch._dynamo.config, "ignore_logging_functions", None)  # absent in older torch
+        if warning_once is None or skipped is None or warning_once in skipped:
+            return call(*args, **kwargs)
+        with torch._dynamo.config.patch(ignore_logging_functions=skipped | {warning_once}):
+            return call(*args, **kwargs)
+    return skipping
 
 
 def _without_training_logits(model: torch.nn.Module, call: Callable[..., Any]) -> Callable[..., Any]:

@@ -3,6 +3,7 @@ with plain and selective checkpointing, and training matches eager."""
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+import liger_compile
+from liger_compile.report import collect
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, compile_and_report, tiny_causal_lm
 
@@ -81,3 +84,28 @@ def test_hf_gradient_checkpointing_non_reentrant():
     assert_close(actual, expected)
     for (name, param), expected_param in zip(model.named_parameters(), reference.parameters()):
         assert_close(param.grad, expected_param.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["wrapped", "inplace"])
+def test_optimize_fuses_the_lm_head_of_a_checkpointed_hf_model_in_a_plain_training_loop(inplace):
+    """A plain loop (not HF's Trainer, which turns `use_cache` off) leaves `use_cache` on: transformers then warns
+    once per call that checkpointing turns it off, which would break the graph before the lm_head, keep the
+    logits an output of the loss's graph, and leave the lm_head unfused."""
+    model = tiny_causal_lm("llama").to(DEVICE).train()
+    assert model.config.use_cache
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    expected = reference(input_ids=ids, labels=ids).loss
+    expected.backward()
+    with collect() as report:
+        actual = liger_compile.optimize(model, compiler="aot_eager", inplace=inplace)(input_ids=ids, labels=ids).loss
+    actual.backward()
+
+    assert len(report.graphs) == 1, str(report)
+    assert [r.variant for r in report.graphs[0].rewrites if r.family == "cross_entropy"] == ["fused linear"], str(report)
+    assert_close(actual, expected)
+    for param, expected_param in zip(model.parameters(), reference.parameters()):
+        assert_close(param.grad, expected_param.grad, rtol=1e-4, atol=1e-5)
+    assert logging.Logger.warning_once not in torch._dynamo.config.ignore_logging_functions  # only while tracing
