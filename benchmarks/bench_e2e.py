@@ -34,7 +34,8 @@ MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", 
 DEFAULT_MODES = ("eager", "inductor", "liger-kernel", "liger-optimize")
 WARMUP_STEPS = 3
 
-# Shapes of public checkpoints (random weights). `gc`: activation checkpointing (non-reentrant).
+# Shapes of public checkpoints (random weights). `gc`: activation checkpointing (non-reentrant). `attention`: the
+# attn_implementation, SDPA unless transformers refuses it (Gemma 2's soft-capped attention scores).
 PRESETS = {
     "1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
@@ -47,7 +48,7 @@ PRESETS = {
                   tie_word_embeddings=True, batch=4, seq=2048, gc=False),  # Qwen3-1.7B
     "gemma2": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
                    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                   batch=2, seq=2048, gc=False),  # Gemma-2-2B
+                   batch=2, seq=2048, gc=False, attention="eager"),  # Gemma-2-2B
     "gemma3": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
                    num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
                    batch=4, seq=2048, gc=False),  # Gemma-3-1B
@@ -58,9 +59,9 @@ def build_model(preset: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = {k: v for k, v in PRESETS[preset].items() if k not in ("model_type", "batch", "seq", "gc")}
+    settings = {k: v for k, v in PRESETS[preset].items() if k not in ("model_type", "batch", "seq", "gc", "attention")}
     config = AutoConfig.for_model(PRESETS[preset]["model_type"], max_position_embeddings=131072,
-                                  attn_implementation="sdpa", **settings)
+                                  attn_implementation=PRESETS[preset].get("attention", "sdpa"), **settings)
     for name, value in vars(config).items():  # compiled and eager runs would draw different dropout masks
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
             setattr(config, name, 0.0)
@@ -296,7 +297,23 @@ def markdown(result: dict) -> str:
         vs_eager = f"{r['loss_vs_eager']:.1e}" if "loss_vs_eager" in r else ""
         lines.append(f"| {r['mode']} | {shape} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
                      f"{first_step(r)} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} | {vs_eager} |")
+    if "search" in result:
+        lines += ["", f"Largest {result['search']} that trains: " + largest_trained(result["rows"], result["search"])
+                  + "."]
     return "\n".join(lines) + "\n"
+
+
+def largest_trained(rows: list[dict], kind: str) -> str:
+    """Per mode, in the rows' order: the largest `kind` (batch or seq) that trained, and the next one tried, which
+    did not."""
+    parts = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        own = [r for r in rows if r["mode"] == mode]
+        largest = max((r[kind] for r in own if "error" not in r), default=0)
+        above = sorted((r for r in own if "error" in r and r[kind] > largest), key=lambda r: r[kind])
+        failed = f"{above[0][kind]}: {above[0]['error'][:40]}" if above else "no larger one tried"
+        parts.append(f"{mode} {largest or 'none'} ({failed})")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         title = f"Training steps, preset {args.preset}"
         stem = f"bench_e2e_{args.preset}_B{batch}_T{seq}"
     result = dict(title=title, environment=environment(), preset=PRESETS[args.preset], rows=rows)
+    if args.max_batch or args.max_seq:
+        result["search"] = kind
 
     def record() -> None:
         """Writes the results so far after every row: a run cut short (a time limit, a crash) keeps its rows."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 import time
@@ -95,10 +96,23 @@ def saved_tensor_groups(step, parameters) -> tuple[float, list]:
     return sum(nbytes for *_, nbytes in saved.values()) / GIB, rows
 
 
+def allocation_site(frames: list[dict]) -> str:
+    """The innermost frame of an allocation outside torch's library (a model's line, one of ours, or a line of
+    Inductor's generated code), with its source text."""
+    import linecache
+
+    for frame in frames:
+        if "/torch/" not in frame["filename"] or "torchinductor" in frame["filename"]:
+            source = linecache.getline(frame["filename"], frame["line"]).strip()
+            return f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}: {source[:160]}"
+    return "torch" if not frames else f"{os.path.basename(frames[0]['filename'])}:{frames[0]['line']}"
+
+
 def peak_of_history(step) -> dict:
-    """Replays the allocations of one `step()`: the peak above the memory before it, and the blocks live there."""
+    """Replays the allocations of one `step()`: the peak above the memory before it, the blocks live there by
+    size, and the sites that allocated the most of them."""
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=200000)
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
     step()
     torch.cuda.synchronize()
     trace = torch.cuda.memory._snapshot()["device_traces"][0]
@@ -106,15 +120,23 @@ def peak_of_history(step) -> dict:
     live, total, peak, at_peak, index = {}, 0, 0, {}, 0
     for i, event in enumerate(trace):
         if event["action"] == "alloc":
-            live[event["addr"]] = event["size"]
+            live[event["addr"]] = (event["size"], i)
             total += event["size"]
         elif event["action"] == "free_requested" and event["addr"] in live:
-            total -= live.pop(event["addr"])
+            total -= live.pop(event["addr"])[0]
         if total > peak:
             peak, at_peak, index = total, dict(live), i
-    sizes = collections.Counter(at_peak.values())
+    sizes = collections.Counter(size for size, _ in at_peak.values())
+    sites = collections.defaultdict(lambda: [0, 0])
+    for size, allocated in at_peak.values():
+        site = sites[allocation_site(trace[allocated].get("frames", []))]
+        site[0] += 1
+        site[1] += size
     return dict(peak_above_start_gib=peak / GIB, peak_event=f"{index}/{len(trace)}",
-                live_at_peak=[[round(size / 2**20, 2), n] for size, n in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])])
+                peak_site=allocation_site(trace[index].get("frames", [])),
+                live_at_peak=[[round(size / 2**20, 2), n] for size, n in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])],
+                sites_at_peak=[[site, n, round(nbytes / 2**20, 1)]
+                               for site, (n, nbytes) in sorted(sites.items(), key=lambda kv: -kv[1][1])[:15]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -44,7 +45,7 @@ def e2e_figure(plt, stem: str, result: dict) -> str:
     memory.barh(names, [r["peak_gib"] for r in rows], color="tab:orange")
     memory.set_xlabel("peak GiB")
     memory.set_yticklabels([])
-    figure.suptitle(f"{result['title']} ({result['environment']['device']})", fontsize=10)
+    figure.suptitle(textwrap.fill(f"{result['title']} ({result['environment']['device']})", 120), fontsize=10)
     figure.tight_layout()
     name = stem.replace("bench_", "") + ".png"
     figure.savefig(os.path.join(RESULTS, name), dpi=110)
@@ -53,16 +54,18 @@ def e2e_figure(plt, stem: str, result: dict) -> str:
 
 
 def search_figure(plt, stem: str, result: dict) -> str:
-    kind = "batch" if stem.endswith("max_batch") else "seq"
-    figure, axis = plt.subplots(figsize=(6, 3.6))
+    kind = result.get("search", "batch" if stem.endswith("max_batch") else "seq")
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
         trained = sorted((r for r in result["rows"] if r["mode"] == mode and "error" not in r), key=lambda r: r[kind])
-        axis.plot([r[kind] for r in trained], [r["tokens_per_s"] / 1e3 for r in trained], marker="o", label=mode)
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel(kind)
-    axis.set_ylabel("thousand tokens/s")
-    axis.legend(fontsize=8)
-    axis.set_title(result["title"], fontsize=9)
+        speed.plot([r[kind] for r in trained], [r["tokens_per_s"] / 1e3 for r in trained], marker="o", label=mode)
+        memory.plot([r[kind] for r in trained], [r["peak_gib"] for r in trained], marker="o", label=mode)
+    for axis, label in ((speed, "thousand tokens/s"), (memory, "peak GiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(f"{kind} (the largest each mode trains)")
+        axis.set_ylabel(label)
+    memory.legend(fontsize=8)
+    figure.suptitle(textwrap.fill(f"{result['title']} ({result['environment']['device']})", 120), fontsize=9)
     figure.tight_layout()
     name = stem.replace("bench_", "") + ".png"
     figure.savefig(os.path.join(RESULTS, name), dpi=110)

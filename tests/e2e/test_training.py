@@ -77,3 +77,12 @@ def test_max_batch_search_doubles_while_it_trains_or_halves_until_it_does(start,
 def test_max_seq_walk_stops_at_the_first_length_that_fails():
     rows = load_script("benchmarks/bench_e2e.py").walk_lengths([8, 16, 32, 64], lambda n: {"seq": n, **({"error": "oom"} if n > 16 else {})})
     assert [r["seq"] for r in rows] == [8, 16, 32]
+
+
+def test_search_summary_names_each_modes_largest_batch_and_the_next_that_failed():
+    rows = [{"mode": "a", "batch": 32, "error": "out of memory"}, {"mode": "a", "batch": 16},
+            {"mode": "b", "batch": 16}, {"mode": "b", "batch": 32}, {"mode": "b", "batch": 64, "error": "timed out"},
+            {"mode": "c", "batch": 16, "error": "out of memory"}, {"mode": "d", "batch": 8}]
+    summary = load_script("benchmarks/bench_e2e.py").largest_trained(rows, "batch")
+    assert summary == ("a 16 (32: out of memory); b 32 (64: timed out); c none (16: out of memory); "
+                       "d 8 (no larger one tried)")
