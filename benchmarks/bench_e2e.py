@@ -5,7 +5,8 @@ Per mode: tokens/s (median step after the warm-up steps), peak memory allocated 
 the end of the first step (compilation included, from empty compile caches; the JSON splits it into
 torch.compile's phases and the Triton kernels compiled in the training process), and the loss of every step (all
 modes train on the same ids from the same weights, so the losses must agree up to bf16 noise; the table gives
-each mode's largest relative difference from eager's).
+each mode's largest relative difference from eager's). For our modes the results also say what was compiled:
+graphs, rewrites per family, and whether the lm_head fused with the loss.
 
     python benchmarks/bench_e2e.py [--preset 1b] [--batch 4] [--seq 2048] [--mode eager --mode ...]
         [--steps 12] [--profile] [--out benchmarks/results]
@@ -22,6 +23,7 @@ steady steps. Only measures on CUDA; on CPU it says so and exits cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -157,15 +159,16 @@ def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to
 
     seconds, losses = [], []
     start = time.perf_counter()
-    for index in range(steps):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        losses.append(step())
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - began)
-        if index == 0:
-            first_step = time.perf_counter() - start
-            torch.cuda.reset_peak_memory_stats()  # steady-state peak: compilation's buffers are gone
+    with rewrites_collected(mode) as report:
+        for index in range(steps):
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            losses.append(step())
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - began)
+            if index == 0:
+                first_step = time.perf_counter() - start
+                torch.cuda.reset_peak_memory_stats()  # steady-state peak: compilation's buffers are gone
     if profile_to:
         from torch.profiler import ProfilerActivity, profile
 
@@ -179,7 +182,26 @@ def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to
     return dict(mode=mode, preset=preset, batch=batch, seq=seq, tokens_per_s=batch * seq / steady,
                 step_ms=steady * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=first_step,
                 compile_phases_s=compile_phases(), kernel_compiles=kernel_compiles.summary(),
-                losses=[loss.item() for loss in losses])
+                losses=[loss.item() for loss in losses], **rewrite_counts(report))
+
+
+def rewrites_collected(mode: str):
+    """The backend's report of every graph our modes compile (recompiles included); nothing for the others."""
+    if mode not in ("liger", "liger-optimize"):
+        return contextlib.nullcontext()
+    from liger_compile.report import collect
+
+    return collect()
+
+
+def rewrite_counts(report) -> dict:
+    """A row's `rewrites`: graphs compiled, rewrites per family, and the cross-entropy variants (whether the
+    lm_head fused: a graph break before it leaves the logits an output, and the loss unfused)."""
+    if report is None:
+        return {}
+    counts = {family: n for family, n in report.counts().items() if n}
+    losses = [r.variant for r in report.rewrites if r.family == "cross_entropy"]
+    return dict(rewrites=dict(graphs=len(report.graphs), counts=counts, cross_entropy=losses))
 
 
 def search_batch(start: int, train) -> list[dict]:
@@ -297,10 +319,27 @@ def markdown(result: dict) -> str:
         vs_eager = f"{r['loss_vs_eager']:.1e}" if "loss_vs_eager" in r else ""
         lines.append(f"| {r['mode']} | {shape} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
                      f"{first_step(r)} | {r['losses'][0]:.4f} → {r['losses'][-1]:.4f} | {vs_eager} |")
+    described = {}
+    for r in result["rows"]:
+        if "rewrites" in r:
+            described.setdefault(r["mode"], r["rewrites"])  # a search's rows of one mode compile alike
+    summaries = [f"- {mode}: {rewrite_summary(rewrites)}" for mode, rewrites in described.items()]
+    if summaries:
+        lines += ["", "What our modes compiled (graphs, rewrites per family):"] + summaries
     if "search" in result:
         lines += ["", f"Largest {result['search']} that trains: " + largest_trained(result["rows"], result["search"])
                   + "."]
     return "\n".join(lines) + "\n"
+
+
+def rewrite_summary(rewrites: dict) -> str:
+    """'1 graph; rms_norm 33, ..., cross_entropy 1 (fused linear)': what a row of our modes compiled."""
+    parts = []
+    for family, n in rewrites["counts"].items():
+        variants = f" ({', '.join(rewrites['cross_entropy'])})" if family == "cross_entropy" else ""
+        parts.append(f"{family} {n}{variants}")
+    graphs = rewrites["graphs"]
+    return f"{graphs} graph{'s' if graphs != 1 else ''}; " + (", ".join(parts) or "nothing rewritten")
 
 
 def largest_trained(rows: list[dict], kind: str) -> str:

@@ -86,3 +86,24 @@ def test_search_summary_names_each_modes_largest_batch_and_the_next_that_failed(
     summary = load_script("benchmarks/bench_e2e.py").largest_trained(rows, "batch")
     assert summary == ("a 16 (32: out of memory); b 32 (64: timed out); c none (16: out of memory); "
                        "d 8 (no larger one tried)")
+
+
+def test_e2e_results_say_what_our_modes_compiled_and_whether_the_lm_head_fused():
+    from liger_compile.report import collect
+
+    bench = load_script("benchmarks/bench_e2e.py")
+    model = tiny_causal_lm("llama").to(DEVICE).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with collect() as report:
+        liger_compile.optimize(model, compiler="aot_eager")(input_ids=ids, labels=ids).loss.backward()
+    rewrites = bench.rewrite_counts(report)["rewrites"]
+    assert (rewrites["graphs"], rewrites["cross_entropy"]) == (1, ["fused linear"]), str(report)
+    assert bench.rewrite_counts(None) == {}  # the peers' rows
+
+    row = dict(mode="liger-optimize", batch=2, seq=16, tokens_per_s=1.0, step_ms=1.0, peak_gib=1.0, first_step_s=1.0,
+               losses=[2.0, 1.0], rewrites=rewrites)
+    result = dict(title="t", environment=dict(device="d", torch="t", triton="t", transformers="t", liger_kernel="l",
+                                              date="today"), rows=[row])
+    summary = bench.markdown(result).splitlines()[-1]
+    assert summary.startswith("- liger-optimize: 1 graph; rms_norm 5, ") and "cross_entropy 1 (fused linear)" in summary
