@@ -29,6 +29,7 @@ from torch import fx
 from liger_compile.ops._library import FLOAT_DTYPES
 from liger_compile.ops.cross_entropy import REDUCTIONS
 from liger_compile.passes.graph import (
+    Call,
     InexactMatch,
     Rewriter,
     autocast_explicitly,
@@ -39,6 +40,7 @@ from liger_compile.passes.graph import (
     number,
     only_user,
     same_shape,
+    scalar_and_tensor,
     tensor_meta,
 )
 from liger_compile.passes.manager import Recorder
@@ -134,6 +136,23 @@ def _match_at(node: fx.Node) -> _Match | None:
     return match
 
 
+def _not_a_linear_layer(node: fx.Node, call: Call | None, after_softcap: bool) -> str:
+    """Why the fused op cannot take the logits' producer `node` (`call`: its canonical op, if any)."""
+    if after_softcap and call is not None and call.op == "cast":
+        return "the logits are cast before the softcap (the fused op's softcap rounds in the logits' dtype)"
+    scaled = None
+    if call is not None and call.op == "div" and number(call.get("other")) is not None:
+        scaled = "divided by", number(call["other"]), call["input"]
+    elif call is not None and call.op == "mul":
+        scale = scalar_and_tensor(node, "mul")
+        scaled = scale and ("times", *scale)
+    if scaled and getattr(canonical(scaled[2]), "op", None) == "linear":
+        return (f"logits made by a linear layer {scaled[0]} {scaled[1]:g} (a logit scale, as in Granite and "
+                "Cohere): the fused op takes no scale")
+    made_by = call.op if call is not None else getattr(node.target, "__name__", str(node.target))
+    return f"logits not made by a linear layer (made by {made_by})"
+
+
 def _absorb_producers(match: _Match, logits: fx.Node) -> None:
     """Walk back from the (N, V) logits, taking each step nothing else reads into `match`."""
     node, user = logits, match.loss
@@ -171,7 +190,7 @@ def _absorb_producers(match: _Match, logits: fx.Node) -> None:
             match.why_not_fused = "the linear layer's shapes or dtypes do not fit the fused op"
             break
         if step is None:
-            match.why_not_fused = "logits not made by a linear layer"
+            match.why_not_fused = _not_a_linear_layer(node, call, match.softcap is not None)
             break
         match.nodes.append(node)
         node, user = step, node

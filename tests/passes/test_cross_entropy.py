@@ -112,9 +112,18 @@ def test_returned_logits_keep_the_plain_op():
     assert variants(report) == ["logits (the logits are also used elsewhere, e.g. returned)"]
 
 
-def test_logits_not_from_a_linear_layer():
+def test_scaled_logits_are_named_as_a_logit_scale():
     report = run(LMHeadLoss(lambda l, y: F.cross_entropy((l * 2).view(-1, VOCAB), y.view(-1))))
-    assert variants(report) == ["logits (logits not made by a linear layer)"]
+    assert variants(report) == ["logits (logits made by a linear layer times 2 (a logit scale, as in Granite and "
+                                "Cohere): the fused op takes no scale)"]
+    report = run(LMHeadLoss(lambda l, y: F.cross_entropy((l / 8.0).view(-1, VOCAB), y.view(-1))))
+    assert variants(report) == ["logits (logits made by a linear layer divided by 8 (a logit scale, as in Granite "
+                                "and Cohere): the fused op takes no scale)"]
+
+
+def test_logits_not_from_a_linear_layer():
+    report = run(LMHeadLoss(lambda l, y: F.cross_entropy(torch.tanh(l).view(-1, VOCAB), y.view(-1))))
+    assert variants(report) == ["logits (logits not made by a linear layer (made by tanh))"]
 
 
 def test_logits_from_another_graph_fragment_are_reported_as_such():
@@ -137,8 +146,8 @@ def test_softcap_after_the_upcast_stays_in_the_graph():
     def fp32_softcap(logits, labels):
         x = logits.float()
         return F.cross_entropy((torch.tanh(x / 30.0) * 30.0).view(-1, VOCAB), labels.view(-1))
-    assert variants(run(LMHeadLoss(fp32_softcap), torch.bfloat16)) == ["logits softcap (logits not made by a "
-                                                                      "linear layer)"]
+    assert variants(run(LMHeadLoss(fp32_softcap), torch.bfloat16)) == [
+        "logits softcap (the logits are cast before the softcap (the fused op's softcap rounds in the logits' dtype))"]
 
 
 def test_family_switched_off():
