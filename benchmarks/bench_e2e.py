@@ -200,8 +200,8 @@ def rewrite_counts(report) -> dict:
     if report is None:
         return {}
     counts = {family: n for family, n in report.counts().items() if n}
-    losses = [r.variant for r in report.rewrites if r.family == "cross_entropy"]
-    return dict(rewrites=dict(graphs=len(report.graphs), counts=counts, cross_entropy=losses))
+    variants = [r.variant for r in report.rewrites if r.family == "cross_entropy"]
+    return dict(rewrites=dict(graphs=len(report.graphs), counts=counts, cross_entropy=variants))
 
 
 def search_batch(start: int, train) -> list[dict]:
