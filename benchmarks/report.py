@@ -36,6 +36,16 @@ def load(pattern: str) -> list[tuple[str, dict]]:
     return found
 
 
+def save_e2e_figure(plt, figure, stem: str, result: dict, fontsize: int) -> str:
+    """Titles `figure` with the result's title and device, writes it as e2e_<...>.png, and returns that name."""
+    figure.suptitle(textwrap.fill(f"{result['title']} ({result['environment']['device']})", 120), fontsize=fontsize)
+    figure.tight_layout()
+    name = stem.replace("bench_", "") + ".png"
+    figure.savefig(os.path.join(RESULTS, name), dpi=110)
+    plt.close(figure)
+    return name
+
+
 def e2e_figure(plt, stem: str, result: dict) -> str:
     rows = [r for r in result["rows"] if "error" not in r]
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -45,12 +55,7 @@ def e2e_figure(plt, stem: str, result: dict) -> str:
     memory.barh(names, [r["peak_gib"] for r in rows], color="tab:orange")
     memory.set_xlabel("peak GiB")
     memory.set_yticklabels([])
-    figure.suptitle(textwrap.fill(f"{result['title']} ({result['environment']['device']})", 120), fontsize=10)
-    figure.tight_layout()
-    name = stem.replace("bench_", "") + ".png"
-    figure.savefig(os.path.join(RESULTS, name), dpi=110)
-    plt.close(figure)
-    return name
+    return save_e2e_figure(plt, figure, stem, result, fontsize=10)
 
 
 def search_figure(plt, stem: str, result: dict) -> str:
@@ -65,12 +70,7 @@ def search_figure(plt, stem: str, result: dict) -> str:
         axis.set_xlabel(f"{kind} (the largest each mode trains)")
         axis.set_ylabel(label)
     memory.legend(fontsize=8)
-    figure.suptitle(textwrap.fill(f"{result['title']} ({result['environment']['device']})", 120), fontsize=9)
-    figure.tight_layout()
-    name = stem.replace("bench_", "") + ".png"
-    figure.savefig(os.path.join(RESULTS, name), dpi=110)
-    plt.close(figure)
-    return name
+    return save_e2e_figure(plt, figure, stem, result, fontsize=9)
 
 
 def ops_figure(plt) -> str | None:
