@@ -140,13 +140,12 @@ def _not_a_linear_layer(node: fx.Node, call: Call | None, after_softcap: bool) -
     """Why the fused op cannot take the logits' producer `node` (`call`: its canonical op, if any)."""
     if after_softcap and call is not None and call.op == "cast":
         return "the logits are cast before the softcap (the fused op's softcap rounds in the logits' dtype)"
-    scaled = None
+    scaled = None  # (how, the constant, the scaled tensor)
     if call is not None and call.op == "div" and number(call.get("other")) is not None:
         scaled = "divided by", number(call["other"]), call["input"]
-    elif call is not None and call.op == "mul":
-        scale = scalar_and_tensor(node, "mul")
-        scaled = scale and ("times", *scale)
-    if scaled and getattr(canonical(scaled[2]), "op", None) == "linear":
+    elif call is not None and call.op == "mul" and scalar_and_tensor(node, "mul") is not None:
+        scaled = "times", *scalar_and_tensor(node, "mul")
+    if scaled is not None and getattr(canonical(scaled[2]), "op", None) == "linear":
         return (f"logits made by a linear layer {scaled[0]} {scaled[1]:g} (a logit scale, as in Granite and "
                 "Cohere): the fused op takes no scale")
     made_by = call.op if call is not None else getattr(node.target, "__name__", str(node.target))
