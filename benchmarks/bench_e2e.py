@@ -16,7 +16,8 @@ graphs, rewrites per family, and whether the lm_head fused with the loss.
 Modes: eager; inductor (``torch.compile(model)``); liger-kernel (liger-kernel's patching of the model's modules,
 when importable); liger-kernel+inductor; liger (``torch.compile(model, backend="liger")``: logits are returned,
 so the lm_head is not fused with the loss); liger-optimize (``liger_compile.optimize(model)``: training drops the
-logits, and the lm_head fuses with the loss). `--profile` writes each mode's top kernels by GPU time over two
+logits, and the lm_head fuses with the loss); liger-optimize+residual_norm (the same, with the residual add fused
+into the norm that reads it, off by default). `--profile` writes each mode's top kernels by GPU time over two
 steady steps. Only measures on CUDA; on CPU it says so and exits cleanly.
 """
 
@@ -32,7 +33,11 @@ import sys
 import tempfile
 import time
 
-MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", "liger-optimize")
+MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", "liger-optimize",
+         "liger-optimize+residual_norm")
+# The options `liger_compile.optimize` gets in each optimize mode: the opt-in residual fusion is measured as a mode
+# of its own until it is on by default.
+OPTIMIZE_OPTIONS = {"liger-optimize": {}, "liger-optimize+residual_norm": {"residual_norm": True}}
 DEFAULT_MODES = ("eager", "inductor", "liger-kernel", "liger-optimize")
 WARMUP_STEPS = 3
 
@@ -91,10 +96,10 @@ def prepare(mode: str, model):
         return torch.compile(model)
     if mode == "liger":
         return torch.compile(model, backend="liger")
-    if mode == "liger-optimize":
+    if mode in OPTIMIZE_OPTIONS:
         import liger_compile
 
-        return liger_compile.optimize(model)
+        return liger_compile.optimize(model, **OPTIMIZE_OPTIONS[mode])
     return model
 
 
@@ -187,7 +192,7 @@ def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to
 
 def rewrites_collected(mode: str):
     """The backend's report of every graph our modes compile (recompiles included); nothing for the others."""
-    if mode not in ("liger", "liger-optimize"):
+    if mode != "liger" and mode not in OPTIMIZE_OPTIONS:
         return contextlib.nullcontext()
     from liger_compile.report import collect
 

@@ -107,3 +107,18 @@ def test_e2e_results_say_what_our_modes_compiled_and_whether_the_lm_head_fused()
                                               date="today"), rows=[row])
     summary = bench.markdown(result).splitlines()[-1]
     assert summary.startswith("- liger-optimize: 1 graph; rms_norm 5, ") and "cross_entropy 1 (fused linear)" in summary
+
+
+@pytest.mark.parametrize("mode,fused_sums", [("liger-optimize", 0), ("liger-optimize+residual_norm", 4)])
+def test_e2e_optimize_modes_pass_their_options_and_train_like_eager(mode, fused_sums):
+    from liger_compile.report import collect
+
+    bench = load_script("benchmarks/bench_e2e.py")
+    model = tiny_causal_lm("llama").to(DEVICE).train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    expected = model(input_ids=ids, labels=ids).loss
+    with collect() as report:
+        loss = bench.prepare(mode, model)(input_ids=ids, labels=ids).loss
+    # Every norm reads a residual sum but the first layer's input norm, which reads the embedding: 2 × 2 + 1 − 1.
+    assert report.counts()["residual_norm"] == fused_sums, str(report)
+    assert_close(loss, expected, rtol=1e-5, atol=1e-5)
