@@ -10,7 +10,10 @@ else reads:
   whose last-dim index is a full slice or absent;
 - ``.float()`` / ``.to(float32)`` of lower-precision logits (the op computes in fp32 anyway);
 - final-logit softcapping ``tanh(x / c) * c`` (Gemma 2 and 3), in the logits' own dtype;
-- the ``F.linear`` (``nn.Linear``) that made the logits: the fused path.
+- the ``F.linear`` (``nn.Linear``) that made the logits: the fused path; with a logit scale ``linear(x) / c`` or
+  ``linear(x) * c`` (Granite, Cohere) when c is a power of two, which the fused op takes as ``linear(x / c)``:
+  scaling by a power of two is exact, so the scaled sum of products rounds to the same logits (barring
+  subnormal values, far below anything a row's logits add up to). Other scales leave the logits unfused.
 
 Labels are taken as they reach the loss (HF's ``F.pad`` and ``[..., 1:]`` shift stays in the graph); so is
 anything after the loss (``/ num_items_in_batch``). ``weight``, ``ignore_index``, ``reduction`` and
@@ -20,6 +23,7 @@ anything after the loss (``/ num_items_in_batch``). ``weight``, ``ignore_index``
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -66,6 +70,7 @@ class _Match:
     why_not_fused: str
     nodes: list[fx.Node] = field(default_factory=list)  # the loss and every node absorbed into it
     linear_dtype: torch.dtype | None = None  # what the fused linear computed in (autocast's, if it was on)
+    logit_scale: tuple | None = None  # (torch.div or torch.mul, a power of two) applied to the linear's output
 
 
 def apply(graph: fx.Graph, record: Recorder) -> None:
@@ -92,6 +97,10 @@ def _replace(graph: fx.Graph, rewriter: Rewriter, match: _Match) -> None:
     else:
         with graph.inserting_before(match.loss):
             rows, weight, bias = autocast_explicitly(graph, [rows, *match.linear], match.linear_dtype)
+            if match.logit_scale is not None:
+                scale, constant = match.logit_scale
+                rows = derived(graph, scale, (rows, constant))
+                bias = bias if bias is None else derived(graph, scale, (bias, constant))
         args = (rows, weight, bias, match.target, match.class_weight, *options)
         target = _FUSED_TARGET
     new = rewriter.replace(match.loss, target, args, match.nodes)
@@ -140,14 +149,14 @@ def _not_a_linear_layer(node: fx.Node, call: Call | None, after_softcap: bool) -
     """Why the fused op cannot take the logits' producer `node` (`call`: its canonical op, if any)."""
     if after_softcap and call is not None and call.op == "cast":
         return "the logits are cast before the softcap (the fused op's softcap rounds in the logits' dtype)"
-    scaled = None  # (how, the constant, the scaled tensor)
-    if call is not None and call.op == "div" and number(call.get("other")) is not None:
-        scaled = "divided by", number(call["other"]), call["input"]
-    elif call is not None and call.op == "mul" and scalar_and_tensor(node, "mul") is not None:
-        scaled = "times", *scalar_and_tensor(node, "mul")
-    if scaled is not None and getattr(canonical(scaled[2]), "op", None) == "linear":
-        return (f"logits made by a linear layer {scaled[0]} {scaled[1]:g} (a logit scale, as in Granite and "
-                "Cohere): the fused op takes no scale")
+    scaled = _scaled(node, call)
+    if scaled is not None and getattr(canonical(scaled[0]), "op", None) == "linear":
+        how = "divided by" if scaled[1] is torch.div else "times"
+        if not _power_of_two(scaled[2]):
+            return (f"logits made by a linear layer {how} {scaled[2]:g} (a logit scale, as in Granite and Cohere): "
+                    "the fused op takes a power-of-two scale only, the one it can move onto its input exactly")
+        return (f"logits made by a linear layer {how} {scaled[2]:g}: the linear's output is read elsewhere, or "
+                "its shapes or dtypes do not fit the fused op")
     made_by = call.op if call is not None else getattr(node.target, "__name__", str(node.target))
     return f"logits not made by a linear layer (made by {made_by})"
 
@@ -180,14 +189,14 @@ def _absorb_producers(match: _Match, logits: fx.Node) -> None:
             match.nodes.extend([node, tanh])
             node = division  # the softcap's first node: what `step` must feed alone
         elif call is not None and call.op == "linear":
-            if node.kwargs.get("out") is None and _fusable_linear(match, call, node):
-                match.nodes.append(node)
-                match.source = call["input"]
-                match.linear = (call["weight"], call.get("bias"))
-                match.linear_dtype = dtype_of(node)
+            if _take_linear(match, node, call):
                 return
             match.why_not_fused = "the linear layer's shapes or dtypes do not fit the fused op"
             break
+        elif (scale := _logit_scale(node, call)) is not None and _take_linear(match, scale[0], canonical(scale[0])):
+            match.nodes.append(node)
+            match.logit_scale = scale[1:]
+            return
         if step is None:
             match.why_not_fused = _not_a_linear_layer(node, call, match.softcap is not None)
             break
@@ -220,6 +229,44 @@ def _selects_rows(node: fx.Node) -> bool:
     full_last = (index[-1] == slice(None) and (Ellipsis in index or len(index) == source.dim())) or (
         Ellipsis not in index and len(index) < source.dim())
     return basic and full_last and result.dim() == source.dim()
+
+
+def _take_linear(match: _Match, node: fx.Node, call: Call) -> bool:
+    """Takes the linear `node` into `match` as the fused op's matmul, if the op can compute it."""
+    if node.kwargs.get("out") is not None or not _fusable_linear(match, call, node):
+        return False
+    match.nodes.append(node)
+    match.source = call["input"]
+    match.linear = (call["weight"], call.get("bias"))
+    match.linear_dtype = dtype_of(node)
+    return True
+
+
+def _scaled(node: fx.Node, call: Call | None) -> tuple[fx.Node, object, float] | None:
+    """(x, torch.div or torch.mul, c) when `node` is ``x / c`` or ``x * c`` (``c * x``) for a number c."""
+    if call is not None and call.op == "div" and number(call.get("other")) is not None \
+            and call.get("rounding_mode") is None:
+        return call["input"], torch.div, number(call["other"])
+    if call is not None and call.op == "mul" and scalar_and_tensor(node, "mul") is not None:
+        constant, tensor = scalar_and_tensor(node, "mul")
+        return tensor, torch.mul, constant
+    return None
+
+
+def _power_of_two(value: float) -> bool:
+    return math.isfinite(value) and value != 0 and math.frexp(abs(value))[0] == 0.5
+
+
+def _logit_scale(node: fx.Node, call: Call | None) -> tuple[fx.Node, object, float] | None:
+    """`_scaled`'s (x, scale, c) when `node` scales the output of a linear layer, read by nothing else, by a power
+    of two c, in the linear's dtype."""
+    scaled = _scaled(node, call)
+    if scaled is None or not _power_of_two(scaled[2]) or only_user(scaled[0]) is not node:
+        return None
+    linear = canonical(scaled[0])
+    if linear is None or linear.op != "linear" or dtype_of(node) != dtype_of(scaled[0]):
+        return None
+    return scaled
 
 
 def _upcast(node: fx.Node) -> bool:

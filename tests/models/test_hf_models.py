@@ -148,11 +148,14 @@ def test_inductor_parity(model_type):
         assert report.counts()["rms_norm"] > 0 and report.counts()["glu"] > 0
 
 
-@pytest.mark.parametrize("model_type,variant", [("llama", "fused linear"), ("gemma2", "fused linear softcap"),
-                                                ("qwen2", "fused linear")])
-def test_optimize_fuses_lm_head_and_loss_in_training(model_type, variant):
+@pytest.mark.parametrize("model_type,variant,overrides", [
+    ("llama", "fused linear", {}), ("gemma2", "fused linear softcap", {}), ("qwen2", "fused linear", {}),
+    # logit scales (powers of two, moved onto the lm_head's input): Granite divides, Cohere multiplies
+    ("granite", "fused linear", dict(logits_scaling=8.0)), ("cohere", "fused linear", dict(logit_scale=0.0625)),
+])
+def test_optimize_fuses_lm_head_and_loss_in_training(model_type, variant, overrides):
     """optimize() drops the training logits, so the lm_head and the loss fuse; eval mode keeps them."""
-    model = tiny_causal_lm(model_type).to(DEVICE).train()
+    model = tiny_causal_lm(model_type, **overrides).to(DEVICE).train()
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     compiled = liger_compile.optimize(model, compiler="aot_eager")

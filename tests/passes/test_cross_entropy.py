@@ -112,13 +112,53 @@ def test_returned_logits_keep_the_plain_op():
     assert variants(report) == ["logits (the logits are also used elsewhere, e.g. returned)"]
 
 
-def test_scaled_logits_are_named_as_a_logit_scale():
-    report = run(LMHeadLoss(lambda l, y: F.cross_entropy((l * 2).view(-1, VOCAB), y.view(-1))))
-    assert variants(report) == ["logits (logits made by a linear layer times 2 (a logit scale, as in Granite and "
-                                "Cohere): the fused op takes no scale)"]
-    report = run(LMHeadLoss(lambda l, y: F.cross_entropy((l / 8.0).view(-1, VOCAB), y.view(-1))))
-    assert variants(report) == ["logits (logits made by a linear layer divided by 8 (a logit scale, as in Granite "
-                                "and Cohere): the fused op takes no scale)"]
+SCALED = {  # a logit scale as Granite (a division) and Cohere (a product) write it
+    "divided": lambda l: l / 8.0,
+    "times": lambda l: l * 2,
+    "scalar_first": lambda l: 0.0625 * l,
+    "one": lambda l: l / 1.0,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scale", SCALED)
+def test_power_of_two_logit_scales_fuse(scale, bias, dtype):
+    scaled = SCALED[scale]
+    report = run(LMHeadLoss(lambda l, y: hf_causal_lm_loss(scaled(l), y), bias=bias), dtype)
+    assert variants(report) == ["fused linear"]
+
+
+def test_power_of_two_logit_scale_then_softcap_fuses():
+    report = run(LMHeadLoss(lambda l, y: softcapped(l / 4.0, y)), torch.bfloat16)
+    assert variants(report) == ["fused linear softcap"]
+
+
+def test_power_of_two_scale_gives_bf16_logits_bit_for_bit():
+    # Why the rewrite is exact: the scale moved onto the linear's input rounds to the same bf16 logits.
+    torch.manual_seed(0)
+    hidden = torch.randn(64, HIDDEN, dtype=torch.bfloat16) * 3
+    weight = torch.randn(VOCAB, HIDDEN, dtype=torch.bfloat16)
+    for divisor in (2.0, 8.0, 16.0, 0.5):
+        assert torch.equal(F.linear(hidden, weight) / divisor, F.linear(hidden / divisor, weight))
+
+
+def test_other_logit_scales_are_named_and_left_unfused():
+    report = run(LMHeadLoss(lambda l, y: F.cross_entropy((l / 3.0).view(-1, VOCAB), y.view(-1))))
+    assert variants(report) == ["logits (logits made by a linear layer divided by 3 (a logit scale, as in Granite "
+                                "and Cohere): the fused op takes a power-of-two scale only, the one it can move "
+                                "onto its input exactly)"]
+
+
+def test_scaled_logits_whose_linear_output_is_read_elsewhere_stay_unfused():
+    class AlsoReturnsRawLogits(LMHeadLoss):
+        def forward(self, hidden, labels):
+            logits = self.lm_head(hidden)
+            return F.cross_entropy((logits * 2).view(-1, VOCAB), labels.view(-1)), logits
+
+    report = run(AlsoReturnsRawLogits(None))
+    assert variants(report) == ["logits (logits made by a linear layer times 2: the linear's output is read "
+                                "elsewhere, or its shapes or dtypes do not fit the fused op)"]
 
 
 def test_logits_not_from_a_linear_layer():
