@@ -16,14 +16,16 @@ graphs, rewrites per family, and whether the lm_head fused with the loss.
 Modes: eager; inductor (``torch.compile(model)``); liger-kernel (liger-kernel's patching of the model's modules,
 when importable); liger-kernel+inductor; liger (``torch.compile(model, backend="liger")``: logits are returned,
 so the lm_head is not fused with the loss); liger-optimize (``liger_compile.optimize(model)``: training drops the
-logits, and the lm_head fuses with the loss); liger-optimize+residual_norm (the same, with the residual add fused
-into the norm that reads it, off by default). `--profile` writes each mode's top kernels by GPU time over two
+logits, and the lm_head fuses with the loss), also with options: ``liger-optimize+residual_norm`` or
+``liger-optimize+allow_buffer_reuse=False`` passes ``residual_norm=True`` or ``allow_buffer_reuse=False`` (any
+option `optimize` takes, several joined by ``+``). `--profile` writes each mode's top kernels by GPU time over two
 steady steps. Only measures on CUDA; on CPU it says so and exits cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -33,11 +35,7 @@ import sys
 import tempfile
 import time
 
-MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", "liger-optimize",
-         "liger-optimize+residual_norm")
-# The options `liger_compile.optimize` gets in each optimize mode: the opt-in residual fusion is measured as a mode
-# of its own until it is on by default.
-OPTIMIZE_OPTIONS = {"liger-optimize": {}, "liger-optimize+residual_norm": {"residual_norm": True}}
+MODES = ("eager", "inductor", "liger-kernel", "liger-kernel+inductor", "liger", "liger-optimize")
 DEFAULT_MODES = ("eager", "inductor", "liger-kernel", "liger-optimize")
 WARMUP_STEPS = 3
 
@@ -84,6 +82,32 @@ def build_model(preset: str):
     return model.train()
 
 
+def optimize_options(mode: str) -> dict | None:
+    """The options of an optimize mode, ``liger-optimize[+name[=value]]...`` (a bare name is True); None for the
+    other modes."""
+    base, *options = mode.split("+")
+    if base != "liger-optimize":
+        return None
+    named = (option.partition("=") for option in options)
+    return {name: ast.literal_eval(value) if equals else True for name, equals, value in named}
+
+
+def mode_name(text: str) -> str:
+    """`--mode`'s type: one of MODES, or an optimize mode whose options `optimize` accepts."""
+    if text in MODES:
+        return text
+    try:
+        options = optimize_options(text)
+        if options is not None:
+            from liger_compile import config
+
+            config.resolve(dict(options))
+            return text
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{text}: {error}") from error
+    raise argparse.ArgumentTypeError(f"{text}: not one of {', '.join(MODES)}, nor liger-optimize+<option>[=value]")
+
+
 def prepare(mode: str, model):
     """The callable each mode trains with."""
     import torch
@@ -96,10 +120,11 @@ def prepare(mode: str, model):
         return torch.compile(model)
     if mode == "liger":
         return torch.compile(model, backend="liger")
-    if mode in OPTIMIZE_OPTIONS:
+    options = optimize_options(mode)
+    if options is not None:
         import liger_compile
 
-        return liger_compile.optimize(model, **OPTIMIZE_OPTIONS[mode])
+        return liger_compile.optimize(model, **options)
     return model
 
 
@@ -192,7 +217,7 @@ def run_one(mode: str, preset: str, batch: int, seq: int, steps: int, profile_to
 
 def rewrites_collected(mode: str):
     """The backend's report of every graph our modes compile (recompiles included); nothing for the others."""
-    if mode != "liger" and mode not in OPTIMIZE_OPTIONS:
+    if mode != "liger" and optimize_options(mode) is None:
         return contextlib.nullcontext()
     from liger_compile.report import collect
 
@@ -365,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     parser.add_argument("--batch", type=int, help="default: the preset's")
     parser.add_argument("--seq", type=int, help="default: the preset's")
-    parser.add_argument("--mode", action="append", choices=MODES, help=f"default: {', '.join(DEFAULT_MODES)}")
+    parser.add_argument("--mode", action="append", type=mode_name, help=f"default: {', '.join(DEFAULT_MODES)}")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--max-batch", action="store_true",
                         help="search each mode's largest batch (from --batch: doubling, or halving)")
@@ -373,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="write each mode's top kernels by GPU time")
     parser.add_argument("--timeout", type=int, default=540, help="seconds per mode's process")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # the per-mode process
+    parser.add_argument("--one", type=mode_name, help=argparse.SUPPRESS)  # the per-mode process
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps <= WARMUP_STEPS:

@@ -44,7 +44,7 @@ def gpu_time(events: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=bench_e2e.MODES, required=True)
+    parser.add_argument("--mode", type=bench_e2e.mode_name, required=True)
     parser.add_argument("--preset", choices=sorted(bench_e2e.PRESETS), default="1b")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

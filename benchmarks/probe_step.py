@@ -141,7 +141,7 @@ def peak_of_history(step) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=bench_e2e.MODES, required=True)
+    parser.add_argument("--mode", type=bench_e2e.mode_name, required=True)
     parser.add_argument("--preset", choices=sorted(bench_e2e.PRESETS), default="1b")
     parser.add_argument("--batch", type=int, help="default: the preset's")
     parser.add_argument("--seq", type=int, help="default: the preset's")

@@ -122,3 +122,17 @@ def test_e2e_optimize_modes_pass_their_options_and_train_like_eager(mode, fused_
     # Every norm reads a residual sum but the first layer's input norm, which reads the embedding: 2 × 2 + 1 − 1.
     assert report.counts()["residual_norm"] == fused_sums, str(report)
     assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_e2e_optimize_modes_name_their_options_and_unknown_ones_are_refused():
+    import argparse
+
+    bench = load_script("benchmarks/bench_e2e.py")
+    assert bench.optimize_options("liger-optimize") == {}
+    assert bench.optimize_options("liger-optimize+residual_norm+allow_buffer_reuse=False") == {
+        "residual_norm": True, "allow_buffer_reuse": False}
+    assert bench.optimize_options("liger-kernel+inductor") is None
+    assert bench.mode_name("liger-optimize+allow_buffer_reuse=False") == "liger-optimize+allow_buffer_reuse=False"
+    for bad in ("liger-optimize+no_such_option", "liger-optimize+allow_buffer_reuse=Fals", "inductor+x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=bad.replace("+", r"\+")):
+            bench.mode_name(bad)
