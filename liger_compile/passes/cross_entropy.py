@@ -247,10 +247,8 @@ def _scaled(node: fx.Node, call: Call | None) -> tuple[fx.Node, object, float] |
     if call is not None and call.op == "div" and number(call.get("other")) is not None \
             and call.get("rounding_mode") is None:
         return call["input"], torch.div, number(call["other"])
-    if call is not None and call.op == "mul" and scalar_and_tensor(node, "mul") is not None:
-        constant, tensor = scalar_and_tensor(node, "mul")
-        return tensor, torch.mul, constant
-    return None
+    product = scalar_and_tensor(node, "mul")
+    return None if product is None else (product[1], torch.mul, product[0])
 
 
 def _power_of_two(value: float) -> bool:
