@@ -57,7 +57,7 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".strip().splitlines()[0]
 
 
-def define_op(name: str, *, traced: bool = True):
+def define_op(name: str, *, traced: bool = True, mutates_args: tuple[str, ...] = ()):
     """Decorator defining op ``liger::<name>`` from its implementation: a `torch.library.triton_op`, whose kernel
     launches torch.compile traces into its graph, or with ``traced=False`` an opaque `torch.library.custom_op`.
 
@@ -87,7 +87,7 @@ def define_op(name: str, *, traced: bool = True):
             parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()],
             return_annotation=hints.get("return", signature.return_annotation))
         define = torch.library.triton_op if traced else torch.library.custom_op
-        return define(f"{NAMESPACE}::{name}", run, mutates_args=())
+        return define(f"{NAMESPACE}::{name}", run, mutates_args=mutates_args)
     return decorate
 
 

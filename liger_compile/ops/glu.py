@@ -12,7 +12,8 @@ Both are wrappers over ``liger::gated_activation(a, b, activation)``, which the 
 
 ``liger::gated_linear(a, b, weight, activation)`` is ``F.linear(act(a) * b, weight)``, the gated MLP's down
 projection included: its backward computes the product again in the same kernel pass as the activation's
-gradients, where the weight gradient needs it, instead of in a pass of its own. Nothing but the inputs is saved.
+gradients, where the weight gradient needs it, instead of in a pass of its own, and writes it over the gradient it
+has just read, which backward owns. Nothing but the inputs is saved.
 
 Outputs round like the eager code: the activation's result is rounded to the input dtype before the multiply.
 Backward saves only the inputs and recomputes the activation.
@@ -98,34 +99,37 @@ def _gated_activation(a: torch.Tensor, b: torch.Tensor, activation: str) -> torc
     return _forward(a, b, activation)
 
 
-def _backward_kernels(op: str, dy, a, b, activation: str, with_output: bool) -> list[torch.Tensor]:
-    """[da, db], and the product act(a) * b after them if `with_output`, by the kernel or the reference."""
+def _backward_kernels(op: str, dy, a, b, activation: str, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, db) by the kernel or the reference, and the product act(a) * b written into `y` if given."""
     _check_pair(op, dy, a, names=("dy", "a"))
     if not can_launch(a):
-        outputs = list(gated_activation_backward_reference(dy, a, b, activation))
-        if with_output:
-            outputs.append(gated_activation_reference(a, b, activation))
-        return [t.contiguous() for t in outputs]
-    outputs = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(3 if with_output else 2)]
-    kernels.glu_backward(*_rows(dy, a, b, *outputs[:2]), activation, *_rows(*outputs[2:]))
-    return outputs
+        da, db = gated_activation_backward_reference(dy, a, b, activation)
+        if y is not None:
+            y.copy_(gated_activation_reference(a, b, activation))
+        return da.contiguous(), db.contiguous()
+    da, db = (torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(2))
+    kernels.glu_backward(*_rows(dy, a, b, da, db), activation, y=None if y is None else as_rows(y))
+    return da, db
 
 
 @define_op("gated_activation_backward")
 def _gated_activation_backward(
     dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    da, db = _backward_kernels(f"{_OP}_backward", dy, a, b, activation, with_output=False)
-    return da, db
+    return _backward_kernels(f"{_OP}_backward", dy, a, b, activation)
 
 
-@define_op("gated_activation_backward_and_output")
-def _gated_activation_backward_and_output(
+@define_op("gated_activation_backward_and_output_", mutates_args=("dy",))
+def _gated_activation_backward_and_output_(
     dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The activation's gradients and its output act(a) * b, from one read of `a` and `b`."""
-    da, db, y = _backward_kernels(f"{_OP}_backward_and_output", dy, a, b, activation, with_output=True)
-    return da, db, y
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation's gradients (da, db), from one read of `a`, `b` and `dy`, and its output act(a) * b written
+    over `dy`: a caller that owns `dy` and needs the product next (a linear layer's weight gradient) holds two
+    intermediate-sized buffers fewer than with separate gradient and product outputs."""
+    op = f"{_OP}_backward_and_output_"
+    if not dy.is_contiguous():  # the kernel writes through a 2-D view of dy, which only a contiguous dy has
+        fail(op, f"dy must be contiguous, got strides {dy.stride()} for shape {tuple(dy.shape)}")
+    return _backward_kernels(op, dy, a, b, activation, y=dy)
 
 
 @define_op("gated_activation_packed")
@@ -189,7 +193,8 @@ def _linear_backward(ctx, d_out):
     if inputs_need:
         dy = (d_out_rows @ weight).view(a.shape)
         if weight_needs:
-            da, db, y = torch.ops.liger.gated_activation_backward_and_output(dy, a, b, ctx.activation)
+            da, db = torch.ops.liger.gated_activation_backward_and_output_(dy, a, b, ctx.activation)
+            y = dy
         else:
             da, db = torch.ops.liger.gated_activation_backward(dy, a, b, ctx.activation)
     elif weight_needs:

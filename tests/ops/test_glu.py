@@ -96,13 +96,20 @@ def test_gated_linear_matches_eager(op_path, activation, dtype, shape, needs):
             assert_close(tensor.grad, reference.grad, atol=max(2e-2 * scale, 1e-5) if scale else None)
 
 
-def test_backward_and_output_gives_the_forward_product(op_path):
-    a, b = make_pair((4, 70), torch.bfloat16)
+@pytest.mark.parametrize("shape", [(4, 70), (2, 3, 40)])
+def test_backward_and_output_writes_the_forward_product_over_dy(op_path, shape):
+    a, b = (t.detach() for t in make_pair(shape, torch.bfloat16))
     dy = torch.randn_like(a)
-    da, db, y = torch.ops.liger.gated_activation_backward_and_output(dy, a.detach(), b.detach(), "silu")
-    assert torch.equal(y, torch.ops.liger.gated_activation(a.detach(), b.detach(), "silu"))
-    da_ref, db_ref = torch.ops.liger.gated_activation_backward(dy, a.detach(), b.detach(), "silu")
+    da_ref, db_ref = torch.ops.liger.gated_activation_backward(dy, a, b, "silu")
+    da, db = torch.ops.liger.gated_activation_backward_and_output_(dy, a, b, "silu")
+    assert torch.equal(dy, torch.ops.liger.gated_activation(a, b, "silu"))
     assert torch.equal(da, da_ref) and torch.equal(db, db_ref)
+
+
+def test_backward_and_output_refuses_a_dy_it_cannot_write_through():
+    a, b = (t.detach() for t in make_pair((6, 8), torch.float32))
+    with pytest.raises(ValueError, match=r"gated_activation_backward_and_output_: dy must be contiguous"):
+        torch.ops.liger.gated_activation_backward_and_output_(torch.randn(8, 6, device=DEVICE).t(), a, b, "silu")
 
 
 def test_public_wrappers_pick_the_activation(op_path):
@@ -152,7 +159,7 @@ def test_opcheck(op_path, shape, dtype, activation):
     opcheck(torch.ops.liger.gated_activation_packed.default, (gate_up, activation))
     opcheck(torch.ops.liger.gated_activation_packed_backward.default,
             (torch.randn_like(a), gate_up.detach(), activation))
-    opcheck(torch.ops.liger.gated_activation_backward_and_output.default,
+    opcheck(torch.ops.liger.gated_activation_backward_and_output_.default,
             (torch.randn_like(a), a.detach(), b.detach(), activation))
     weight = torch.randn(5, shape[-1], device=DEVICE, dtype=dtype, requires_grad=True)
     opcheck(torch.ops.liger.gated_linear.default, (a, b, weight, activation))
