@@ -124,8 +124,8 @@ def _gated_activation_backward_and_output_(
     dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation's gradients (da, db), from one read of `a`, `b` and `dy`, and its output act(a) * b written
-    over `dy`: a caller that owns `dy` and needs the product next (a linear layer's weight gradient) holds two
-    intermediate-sized buffers fewer than with separate gradient and product outputs."""
+    over `dy`: a caller that owns `dy` and needs the product next (a linear layer's weight gradient) holds one
+    intermediate-sized buffer fewer than with a separate product output."""
     op = f"{_OP}_backward_and_output_"
     if not dy.is_contiguous():  # the kernel writes through a 2-D view of dy, which only a contiguous dy has
         fail(op, f"dy must be contiguous, got strides {dy.stride()} for shape {tuple(dy.shape)}")
